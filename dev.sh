@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One entry point for people and CI. Each command sets up ./.venv first (pip, fully pinned by
+# requirements/constraints.txt, torch held at the CPU build so no CUDA wheels are pulled).
+#
+#   ./dev.sh demo [ARGS]     encode sample images, decode them back, save them with metadata
+#   ./dev.sh test [ARGS]     lint (ruff) and run the test suite (pytest ARGS)
+#   ./dev.sh bench [ARGS]    run the decode throughput benchmark (bench/bench_decode.py ARGS)
+#   ./dev.sh py ARGS         run the venv's python (e.g. ./dev.sh py -m lib_vaebatch --help)
+#   ./dev.sh setup           only create/refresh the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${VAEBATCH_VENV:-.venv}"
+CONSTRAINTS=requirements/constraints.txt
+
+pick_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+    for c in python3.11 python3.10 python3; do
+        if command -v "$c" >/dev/null 2>&1; then echo "$c"; return; fi
+    done
+    echo "dev.sh: no python3 found" >&2; exit 1
+}
+
+setup() {
+    local want stamp="$VENV/.vaebatch-stamp"
+    want=$(cat "$CONSTRAINTS" pyproject.toml | sha256sum | cut -c1-16)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py; py=$(pick_python)
+        "$py" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 13) else 1)' \
+            || { echo "dev.sh: need Python 3.10-3.12, found $("$py" --version)" >&2; exit 1; }
+        echo "[dev.sh] creating $VENV with $py" >&2
+        "$py" -m venv "$VENV"
+    fi
+    echo "[dev.sh] installing pinned dependencies into $VENV" >&2
+    PIP_CONSTRAINT="$PWD/$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -e ".[dev]"
+    echo "$want" >"$stamp"
+}
+
+cmd="${1:-}"; [ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; exec "$VENV/bin/python" -m lib_vaebatch demo "$@" ;;
+    test)
+        setup
+        "$VENV/bin/python" -m ruff check .
+        "$VENV/bin/python" -m ruff format --check .
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
+    py) setup; exec "$VENV/bin/python" "$@" ;;
+    *) sed -n '2,11p' "$0"; exit 2 ;;
+esac
