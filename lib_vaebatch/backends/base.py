@@ -1,0 +1,136 @@
+"""The small VAE interface the engine sees.
+
+A backend wraps one VAE (a diffusers module, the webui's first_stage_model, the built-in linear
+approximation, a remote endpoint...) and works in the VAE's **raw** latent space: scaling to and from
+the sampler's space is the engine's job, with the constants the backend reports (or a file overrides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lib_vaebatch.engine.devices import dtype_supported
+from lib_vaebatch.families import Family
+
+Op = Literal["decode", "encode"]
+
+#: Planned peak working memory of the SD-family AutoencoderKL per output pixel (decode) or input
+#: pixel (encode), per byte of dtype: measured peak RSS on CPU with headroom (bench/bench_memory.py).
+SD_DECODE_BYTES_PER_PIXEL = 1250.0
+SD_ENCODE_BYTES_PER_PIXEL = 850.0
+
+
+@dataclass
+class Moments:
+    """A diagonal Gaussian posterior over raw latents; ``logvar`` is None for deterministic encoders."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor | None = None
+
+
+class TilingUnavailableError(RuntimeError):
+    """The backend has no tiled path (the engine then reports the sample as failed)."""
+
+
+class VAEBackend(ABC):
+    """One VAE as the engine uses it.
+
+    Subclasses set ``name``, ``family`` and ``family_source`` and implement :meth:`decode`,
+    :meth:`encode` and :meth:`set_dtype`. Inputs may come on any device and dtype; outputs are on
+    :attr:`device` in :attr:`dtype`.
+    """
+
+    name: str = "vae"
+    family: Family
+    family_source: str = "given"
+    #: True for approximations (labelled "preview quality" wherever they are used).
+    preview: bool = False
+    #: Pixels per latent along each side.
+    downscale: int = 8
+    #: Short file hash for metadata (webui-style 10 hex digits), when the VAE came from a file.
+    file_hash: str | None = None
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.family.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self.family.shift_factor
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name} (preview quality)" if self.preview else self.name
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents ``[B, C, h, w]`` to pixels ``[B, 3, h*8, w*8]`` in [-1, 1] (not clamped)."""
+
+    @abstractmethod
+    def encode(self, pixels: torch.Tensor) -> Moments:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] to the posterior over raw latents ``[B, C, H/8, W/8]``."""
+
+    @abstractmethod
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Run later decodes/encodes in ``dtype`` (casts the weights)."""
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype_supported(self.device, dtype)
+
+    def bytes_per_pixel(self, op: Op) -> float:
+        """Peak working memory per output pixel (decode) or input pixel (encode), per byte of dtype
+        (default: the SD-family AutoencoderKL's; see docs/engine.md)."""
+        return SD_DECODE_BYTES_PER_PIXEL if op == "decode" else SD_ENCODE_BYTES_PER_PIXEL
+
+    def attention_tokens(self, op: Op, pixels: int) -> int:
+        """Tokens of the single mid-block attention (its score matrix may be materialised)."""
+        return pixels // (self.downscale * self.downscale)
+
+    def max_efficient_chunk(self, op: Op) -> int | None:
+        """Largest chunk worth running at once, regardless of memory (None: memory decides).
+
+        Convolutional VAEs on the CPU gain nothing from batching (measured: 256x256, batch 4 is as
+        slow per image as batch 1) while peak memory grows with the chunk, so they decode one at a
+        time there.
+        """
+        return 1 if self.device.type == "cpu" else None
+
+    def supports_tiling(self, op: Op) -> bool:
+        """Whether :meth:`decode_tiled` / :meth:`encode_tiled` work for this backend."""
+        return False
+
+    def decode_tiled(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode in tiles: the engine's path after out-of-memory at chunk size 1, or on request."""
+        raise TilingUnavailableError(f"{self.name}: tiled decode is not available for this backend")
+
+    def encode_tiled(self, pixels: torch.Tensor) -> Moments:
+        """Encode in tiles (see :meth:`decode_tiled`)."""
+        raise TilingUnavailableError(f"{self.name}: tiled encode is not available for this backend")
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Context for one engine job (no autograd by default)."""
+        with torch.no_grad():
+            yield
+
+    def prepare_for_speed(self) -> contextlib.AbstractContextManager[None]:
+        """Scoped device tuning during a job (e.g. cuDNN autotuning); a no-op by default."""
+        return contextlib.nullcontext()

@@ -1,0 +1,154 @@
+"""Real tiny VAEs (seeded, CPU) and the few wrappers the engine tests need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lib_vaebatch.backends.base import Moments, Op, VAEBackend
+from lib_vaebatch.backends.diffusers_vae import DiffusersVAE
+from lib_vaebatch.families import get_family
+
+# Four levels, so latents are 1/8 of the image as in every SD-family VAE; widths are multiples of
+# 32 (the GroupNorm group count the shipped configs use) and change between levels, so the
+# shortcut convs exist too.
+TINY_WIDTHS = (32, 64, 64, 64)
+
+
+def tiny_autoencoder(
+    latent_channels: int = 4,
+    *,
+    layers_per_block: int = 1,
+    seed: int = 0,
+    widths: tuple[int, ...] = TINY_WIDTHS,
+) -> torch.nn.Module:
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    diffusers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    quant = latent_channels == 4  # SD3/Flux VAEs have no quant convs
+    vae = AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        use_quant_conv=quant,
+        use_post_quant_conv=quant,
+    )
+    return vae.eval().requires_grad_(False)
+
+
+def tiny_backend(latent_channels: int = 4, *, family: str | None = None, seed: int = 0, **kw) -> DiffusersVAE:
+    fam = get_family(family or ("sd1" if latent_channels == 4 else "flux"))
+    module = tiny_autoencoder(latent_channels, seed=seed, **kw)
+    module.register_to_config(scaling_factor=fam.scaling_factor, shift_factor=fam.shift_factor or None)
+    return DiffusersVAE(module, fam, name=f"tiny-{fam.name}")
+
+
+def overflowing_backend(seed: int = 0) -> DiffusersVAE:
+    """A tiny VAE whose decoder input conv is scaled up so that fp16 activations overflow (NaN in
+    the output) for latents of large magnitude, while bf16 and fp32 stay finite."""
+    vae = tiny_backend(seed=seed)
+    with torch.no_grad():
+        vae.module.decoder.conv_in.weight.mul_(3000.0)
+        vae.module.decoder.conv_in.bias.mul_(3000.0)
+    return vae
+
+
+def save_module(module: torch.nn.Module, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+class Recorder(VAEBackend):
+    """Delegates to a real backend and records what each decode call saw: the chunk size and the
+    first latent value of every sample (tests give each sample a distinct one to identify it)."""
+
+    def __init__(self, inner: VAEBackend) -> None:
+        self.inner = inner
+        self.family = inner.family
+        self.name = f"recorded {inner.name}"
+        self.calls: list[tuple[int, torch.dtype, list[float]]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.inner.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self.inner.shift_factor
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        self.inner.set_dtype(dtype)
+
+    def max_efficient_chunk(self, op: Op) -> int | None:
+        return None  # let memory decide, so chunking is exercised on the CPU too
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self.calls.append((latents.shape[0], self.inner.dtype, latents[:, 0, 0, 0].double().tolist()))
+        return self.inner.decode(latents)
+
+    def encode(self, pixels: torch.Tensor) -> Moments:
+        self.calls.append((pixels.shape[0], self.inner.dtype, pixels[:, 0, 0, 0].double().tolist()))
+        return self.inner.encode(pixels)
+
+    def decoded_markers(self) -> list[float]:
+        return [m for _n, _dt, markers in self.calls for m in markers]
+
+
+class OOMAbove(Recorder):
+    """Fault injection: raises the real CUDA out-of-memory error type for chunks above ``limit``
+    (``limit=0``: always). Its tiled path, when enabled, decodes normally and records the call."""
+
+    def __init__(self, inner: VAEBackend, limit: int, *, tiling: bool = False) -> None:
+        super().__init__(inner)
+        self.limit = limit
+        self.tiling = tiling
+        self.tiled_calls = 0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.shape[0] > self.limit:
+            big = torch.empty(1024)  # an allocation the handler must let go of
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {latents.shape[0]} GiB (injected; {big.numel()})"
+            )
+        return super().decode(latents)
+
+    def supports_tiling(self, op: Op) -> bool:
+        return self.tiling
+
+    def decode_tiled(self, latents: torch.Tensor) -> torch.Tensor:
+        self.tiled_calls += 1
+        return super().decode(latents)
+
+
+def marked_latents(
+    n: int, channels: int = 4, size: int = 8, *, seed: int = 0, scale: float = 1.0
+) -> torch.Tensor:
+    """Seeded latents whose first element identifies the sample (sample i: 0.1 * (i + 1))."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, channels, size, size, generator=g) * scale
+    for i in range(n):
+        z[i, 0, 0, 0] = 0.1 * (i + 1)
+    return z
+
+
+def identify(markers: list[float], latents: torch.Tensor, scaling: float) -> list[int]:
+    """Map recorded first values (raw space) back to sample indices."""
+    expected = (latents[:, 0, 0, 0].double() / scaling).tolist()
+    return [min(range(len(expected)), key=lambda i: abs(expected[i] - m)) for m in markers]
