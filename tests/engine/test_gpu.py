@@ -1,0 +1,68 @@
+"""CUDA paths: pinned staging buffers, the side copy stream, overlap with the next chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_vaebatch.engine.decode import decode_latents
+from lib_vaebatch.engine.devices import free_memory
+from lib_vaebatch.engine.offload import Offloader
+from lib_vaebatch.engine.options import EngineOptions
+from tests.support import Recorder, marked_latents, overflowing_backend, tiny_backend
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_vae():
+    vae = tiny_backend()
+    vae.module.to("cuda")
+    vae._device = torch.device("cuda", torch.cuda.current_device())
+    return vae
+
+
+def test_offloader_uses_pinned_staging_and_returns_pageable_copies():
+    off = Offloader(torch.device("cuda"), torch.device("cpu"), torch.float32)
+    assert off.asynchronous
+    x = torch.randn(3, 3, 64, 64, device="cuda")
+    x[1, 0, 5, 5] = float("nan")
+    landed = off.submit(x, check=True).wait()
+    assert landed.finite == [True, False, True]
+    assert all(s.device.type == "cpu" and not s.is_pinned() for s in landed.samples)
+    assert torch.equal(torch.stack(landed.samples)[0], x[0].cpu())
+    assert all(buf.is_pinned() for pool in off._free.values() for buf in pool)
+
+
+def test_overlapped_cpu_offload_equals_decoding_on_the_device(cuda_vae):
+    latents = marked_latents(7, size=16)
+    rec = Recorder(cuda_vae)
+    overlapped = decode_latents(rec, latents, options=EngineOptions(max_chunk=2))
+    on_device = decode_latents(cuda_vae, latents, options=EngineOptions(max_chunk=2, offload="device"))
+    assert overlapped.chunk_sizes == [2, 2, 2, 1]
+    for a, b in zip(overlapped.outputs, on_device.outputs, strict=True):
+        assert a.device.type == "cpu" and b.device.type == "cuda"
+        assert torch.equal(a, b.cpu())
+
+
+def test_recovery_with_lookahead_on_cuda():
+    vae = overflowing_backend()
+    vae.module.to("cuda")
+    vae._device = torch.device("cuda", torch.cuda.current_device())
+    vae.set_dtype(torch.float16)
+    latents = marked_latents(5, scale=0.5)
+    latents[0] *= 40
+    latents[3] *= 40
+    result = decode_latents(vae, latents, options=EngineOptions(max_chunk=1))
+    assert result.ok
+    assert [r.status.value for r in result.reports].count("recovered") >= 1
+    assert all(torch.isfinite(o).all() for o in result.outputs)
+
+
+def test_free_memory_counts_the_allocators_unused_reserve():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    before = free_memory(dev)
+    block = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    del block  # reserved by the caching allocator, but free for us
+    after = free_memory(dev)
+    assert abs(after - before) < (64 << 20)
