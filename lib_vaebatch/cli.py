@@ -1,0 +1,367 @@
+"""``python -m lib_vaebatch``: encode images to latents, decode latents to images, run the demo.
+
+Exit codes: 0 all done; 1 some samples failed or could not be saved (every good one is saved);
+2 bad input or usage (nothing written); 130 interrupted (finished samples are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from lib_vaebatch import __version__
+from lib_vaebatch.log import PREFIX, setup_console
+
+log = logging.getLogger("vaebatch")
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    """One line for the user, then exit 2."""
+
+
+def _chunk(value: str) -> str | int:
+    v = value.strip().lower()
+    if v in ("auto", "per-sample"):
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--chunk takes auto, per-sample or a positive number, not {value!r}"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--chunk must be at least 1")
+    return n
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from lib_vaebatch.families import FAMILY_NAMES
+
+    g = p.add_argument_group("VAE and engine")
+    g.add_argument(
+        "--vae",
+        default="approx",
+        metavar="approx|PATH",
+        help="'approx' (built-in, preview quality; default) or a .safetensors VAE / diffusers folder",
+    )
+    g.add_argument("--family", choices=FAMILY_NAMES, help="model family (default: detected)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp16, bf16, fp32")
+    g.add_argument(
+        "--chunk",
+        type=_chunk,
+        default="auto",
+        help="samples per chunk: auto (planned from free memory; default), per-sample, or a maximum N",
+    )
+    g.add_argument(
+        "--ladder",
+        default="bf16,fp32",
+        help="precisions to retry non-finite samples in (default bf16,fp32; '' disables)",
+    )
+    g.add_argument("--no-nan-check", action="store_true", help="do not check outputs for NaN/Inf")
+    g.add_argument(
+        "--keep-precision",
+        action="store_true",
+        help="after a recovery, keep the recovered precision for the rest of the run's files",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib_vaebatch",
+        description="VAE Batch: batch VAE encode/decode that never loses a batch.",
+    )
+    parser.add_argument("--version", action="version", version=f"VAE Batch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show engine events")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enc = sub.add_parser("encode", help="encode images into latents files (one per image size)")
+    enc.add_argument("images", nargs="+", help="image files or folders of images")
+    enc.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.safetensors",
+        help="output file; several sizes give OUT-<W>x<H>.safetensors",
+    )
+    enc.add_argument(
+        "--fit",
+        choices=("crop", "resize"),
+        default="crop",
+        help="make sizes multiples of 8 by centre crop (default) or resize",
+    )
+    enc.add_argument(
+        "--alpha",
+        choices=("composite", "drop"),
+        default="composite",
+        help="composite transparency on --background (default) or drop it",
+    )
+    enc.add_argument(
+        "--background", default="#ffffff", help="colour under transparent pixels (default white)"
+    )
+    enc.add_argument(
+        "--sample", action="store_true", help="sample the posterior (seeded) instead of its mean"
+    )
+    enc.add_argument("--seed", type=int, default=0, help="seed for --sample (image i uses seed+i)")
+    enc.add_argument("--half", action="store_true", help="store float16 latents")
+    enc.add_argument("--comfy", action="store_true", help="also write ComfyUI .latent files")
+    enc.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _common(enc)
+
+    dec = sub.add_parser("decode", help="decode latents files into images")
+    dec.add_argument("latents", nargs="+", help="latents files: ours (.safetensors), ComfyUI .latent, .npy")
+    dec.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the images")
+    dec.add_argument(
+        "--pattern",
+        help="file name pattern with webui tokens, e.g. '[seed]-[prompt_words]' "
+        "(default: <source stem>-<index>); a sequence number is always prefixed",
+    )
+    dec.add_argument(
+        "--format", default="png", choices=("png", "jpg", "webp"), help="image format (default png)"
+    )
+    dec.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    _common(dec)
+
+    demo = sub.add_parser("demo", help="encode sample images, decode them back, save them with metadata")
+    demo.add_argument("-o", "--output", default="outputs/demo", help="output folder (default outputs/demo)")
+    demo.add_argument("--family", default="sd1", help="family of the approximate VAE (default sd1)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+@contextmanager
+def _interruptible() -> Iterator[list[bool]]:
+    """First Ctrl-C: stop after the current chunk (finished samples are kept). Second: abort."""
+    flag = [False]
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: object) -> None:
+        if flag[0]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag[0] = True
+        sys.stderr.write(f"\n{PREFIX} interrupt: stopping after the current chunk (Ctrl-C again to abort)\n")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _engine_options(args: argparse.Namespace):  # -> EngineOptions
+    from lib_vaebatch.engine.options import EngineOptions
+
+    chunk = args.chunk
+    return EngineOptions(
+        chunk_mode="per-sample" if chunk == "per-sample" else "auto",
+        max_chunk=chunk if isinstance(chunk, int) else None,
+        nan_check=not args.no_nan_check,
+        ladder=tuple(s for s in args.ladder.replace(" ", "").split(",") if s),
+        keep_recovered_dtype=args.keep_precision,
+    )
+
+
+def _load_backend(args: argparse.Namespace, family: str | None = None):  # -> VAEBackend
+    from lib_vaebatch.backends import load_vae
+    from lib_vaebatch.engine.devices import parse_dtype, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        backend = load_vae(args.vae, family=family or args.family, device=device, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    except ImportError as exc:
+        raise CliError(f"loading {args.vae} needs the diffusers package ({exc})") from None
+    if dtype is not None:
+        backend.set_dtype(dtype)
+    return backend
+
+
+def _report_events(events: Sequence[str], verbose: bool) -> None:
+    for e in events:
+        (log.info if verbose else log.debug)(e)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from lib_vaebatch.engine.encode import EncodeOptions
+    from lib_vaebatch.images import ImageInputError, find_images, parse_color
+    from lib_vaebatch.jobs import encode_to_files
+    from lib_vaebatch.progress import ConsoleProgress
+
+    try:
+        parse_color(args.background)
+        options = _engine_options(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    paths = find_images(args.images)
+    if not paths:
+        raise CliError("no images found in " + ", ".join(args.images))
+    backend = _load_backend(args)
+    if backend.preview:
+        log.info("using the built-in approximate VAE (%s): preview quality", backend.family.name)
+    eo = EncodeOptions(
+        fit=args.fit, alpha=args.alpha, background=args.background, sample=args.sample, seed=args.seed
+    )
+    bar = ConsoleProgress("encode", enabled=not args.no_progress)
+    start = time.perf_counter()
+    with _interruptible() as stop:
+        try:
+            job = encode_to_files(
+                backend,
+                paths,
+                args.output,
+                encode_options=eo,
+                options=options,
+                comfy=args.comfy,
+                half=args.half,
+                overwrite=args.overwrite,
+                progress=bar,
+                cancel=lambda: stop[0],
+            )
+        except ImageInputError as exc:
+            raise CliError(str(exc)) from None
+        except FileExistsError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            bar.close()
+    _report_events(job.result.events, args.verbose)
+    done = sum(r.done for r in job.result.reports)
+    for path in job.written:
+        print(path)
+    log.info(
+        "encoded %d/%d images into %d file(s) in %.1f s (%s)",
+        done,
+        len(paths),
+        len(job.written),
+        time.perf_counter() - start,
+        backend.display_name,
+    )
+    for rep in job.result.reports:
+        if not rep.done:
+            log.error("%s: %s: %s", paths[rep.index], rep.status.value, rep.message)
+    if job.result.cancelled:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if job.ok else EXIT_FAILED
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from lib_vaebatch.backends import APPROX, ApproxVAE
+    from lib_vaebatch.jobs import decode_to_folder, load_latent_files
+    from lib_vaebatch.progress import ConsoleProgress
+
+    try:
+        options = _engine_options(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out}: exists and is not a folder")
+    approx = str(args.vae).strip().lower() == APPROX
+    backend = None if approx else _load_backend(args)
+    batches, errors = load_latent_files(args.latents, None if backend is None else backend.latent_channels)
+    if errors:
+        for err in errors:
+            print(f"{PREFIX} error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    cache: dict[str, object] = {}
+
+    def backend_for(family):  # type: ignore[no-untyped-def]
+        if backend is not None:
+            return backend
+        name = args.family or family.name
+        if name not in cache:
+            cache[name] = ApproxVAE(name, device=_device(args))
+        return cache[name]
+
+    if approx:
+        log.info("using the built-in approximate VAE: preview quality")
+    bar = ConsoleProgress("decode", enabled=not args.no_progress)
+    start = time.perf_counter()
+    with _interruptible() as stop:
+        try:
+            job = decode_to_folder(
+                batches,
+                out,
+                backend_for,
+                options=options,
+                pattern=args.pattern,
+                fmt=args.format,
+                quality=args.quality,
+                progress=bar,
+                cancel=lambda: stop[0],
+            )
+        finally:
+            bar.close()
+    for f in job.files:
+        _report_events(f.result.events, args.verbose)
+    total = sum(len(b) for b in batches)
+    log.info(
+        "decoded %d/%d samples from %d file(s) in %.1f s into %s",
+        len(job.saved),
+        total,
+        len(batches),
+        time.perf_counter() - start,
+        out,
+    )
+    for path, rep in job.failures:
+        if rep.status.value == "failed":
+            log.error("%s: sample %d failed: %s", path, rep.index, rep.message)
+    for err in job.save_errors:
+        log.error(err)
+    if job.cancelled:
+        log.warning("interrupted: %d sample(s) not decoded", total - len(job.saved))
+        return EXIT_INTERRUPTED
+    return EXIT_OK if job.ok else EXIT_FAILED
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    from lib_vaebatch.engine.devices import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_console(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        if args.command == "encode":
+            return cmd_encode(args)
+        if args.command == "decode":
+            return cmd_decode(args)
+        from lib_vaebatch.demo import run_demo
+
+        return run_demo(Path(args.output), family=args.family, progress=not args.no_progress)
+    except CliError as exc:
+        print(f"{PREFIX} error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"{PREFIX} aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The core never imports the webui (``modules``) or gradio; only the webui/ui sub-packages may."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lib_vaebatch"
+HOST_PACKAGES = {"webui", "ui"}  # the only places allowed to touch the webui / gradio
+FORBIDDEN = {"modules", "gradio"}
+
+
+def _core_files():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] not in HOST_PACKAGES:
+            yield path
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
+            roots |= {
+                a.value.split(".")[0]
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            }
+    return roots
+
+
+def test_no_core_file_imports_the_webui_or_gradio():
+    files = list(_core_files())
+    assert len(files) > 15
+    offenders = {str(p.relative_to(ROOT)): sorted(_imported_roots(p) & FORBIDDEN) for p in files}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_scan_catches_an_offender(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from modules import shared\n    import gradio as gr\n")
+    assert _imported_roots(bad) >= FORBIDDEN
+
+
+BLOCKER = """
+import importlib, pkgutil, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modules", "gradio"):
+            raise ImportError(f"core imported {name}")
+        return None
+sys.meta_path.insert(0, Block())
+import lib_vaebatch
+count = 0
+for info in pkgutil.walk_packages(lib_vaebatch.__path__, "lib_vaebatch."):
+    if info.name.split(".")[1] in ("webui", "ui", "__main__"):
+        continue
+    importlib.import_module(info.name)
+    count += 1
+import lib_vaebatch.cli
+assert lib_vaebatch.cli.main(["demo", "-o", sys.argv[1], "--no-progress"]) == 0
+print(count)
+"""
+
+
+def test_every_core_module_imports_and_the_demo_runs_with_webui_and_gradio_blocked(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKER, str(tmp_path / "demo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip().splitlines()[-1]) > 15
