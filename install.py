@@ -25,7 +25,7 @@ def read_dependencies(pyproject: Path) -> list[str]:
     """``[project] dependencies`` from pyproject.toml (tomllib where available, else a small parser)."""
     text = pyproject.read_text(encoding="utf-8")
     try:
-        import tomllib  # Python >= 3.11
+        import tomllib  # novermin - Python >= 3.11; the fallback below serves 3.10
     except ImportError:
         section = re.search(r"^\[project\]\s*$(.*?)(?=^\[)", text, re.DOTALL | re.MULTILINE)
         body = section.group(1) if section else ""

@@ -99,6 +99,9 @@ class Recorder(VAEBackend):
     def max_efficient_chunk(self, op: Op) -> int | None:
         return None  # let memory decide, so chunking is exercised on the CPU too
 
+    def fixed_bytes(self, op: Op) -> int:
+        return self.inner.fixed_bytes(op)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.calls.append((latents.shape[0], self.inner.dtype, latents[:, 0, 0, 0].double().tolist()))
         return self.inner.decode(latents)

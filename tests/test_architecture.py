@@ -83,3 +83,14 @@ def test_every_core_module_imports_and_the_demo_runs_with_webui_and_gradio_block
     )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip().splitlines()[-1]) > 15
+
+
+VERMIN = str(Path(sys.executable).with_name("vermin"))  # its console script, beside the interpreter
+
+
+def test_code_runs_on_python_3_10():
+    """A1111 ships Python 3.10: no syntax or standard-library use beyond it (vermin, static)."""
+    targets = ["lib_vaebatch", "install.py", "scripts", "bench", "tests"]
+    args = ["-t=3.10-", "--no-tips", "--violations", "--eval-annotations", *targets]
+    proc = subprocess.run([VERMIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

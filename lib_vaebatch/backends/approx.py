@@ -51,6 +51,9 @@ class ApproxVAE(VAEBackend):
     def bytes_per_pixel(self, op: Op) -> float:
         return 16.0
 
+    def fixed_bytes(self, op: Op) -> int:
+        return 0
+
     def attention_tokens(self, op: Op, pixels: int) -> int:
         return 0
 

@@ -20,10 +20,14 @@ from lib_vaebatch.families import Family
 
 Op = Literal["decode", "encode"]
 
-#: Planned peak working memory of the SD-family AutoencoderKL per output pixel (decode) or input
-#: pixel (encode), per byte of dtype: measured peak RSS on CPU with headroom (bench/bench_memory.py).
+#: Planned peak working memory of the SD-family AutoencoderKL: per output pixel (decode) or input
+#: pixel (encode) and byte of dtype, plus a fixed amount per call. From the peak RSS of decodes and
+#: encodes at 256² and 512² on CPU (a linear fit gives ~920 B/px + ~130 MiB for decode, ~640 B/px
+#: + ~10 MiB for encode; bench/bench_memory.py), with headroom.
 SD_DECODE_BYTES_PER_PIXEL = 1250.0
 SD_ENCODE_BYTES_PER_PIXEL = 850.0
+SD_DECODE_FIXED_BYTES = 160 << 20
+SD_ENCODE_FIXED_BYTES = 64 << 20
 
 
 @dataclass
@@ -99,6 +103,10 @@ class VAEBackend(ABC):
         """Peak working memory per output pixel (decode) or input pixel (encode), per byte of dtype
         (default: the SD-family AutoencoderKL's; see docs/engine.md)."""
         return SD_DECODE_BYTES_PER_PIXEL if op == "decode" else SD_ENCODE_BYTES_PER_PIXEL
+
+    def fixed_bytes(self, op: Op) -> int:
+        """Working memory per call that does not grow with the chunk (workspaces, scratch)."""
+        return SD_DECODE_FIXED_BYTES if op == "decode" else SD_ENCODE_FIXED_BYTES
 
     def attention_tokens(self, op: Op, pixels: int) -> int:
         """Tokens of the single mid-block attention (its score matrix may be materialised)."""

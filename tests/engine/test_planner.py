@@ -31,8 +31,10 @@ def test_chunk_respects_every_bound(vae, budget, remaining, user, cap, side):
     per = estimate_bytes(vae, "decode", pixels, torch.float32)
     assert 1 <= plan.chunk <= remaining
     assert plan.chunk <= (user or remaining) and plan.chunk <= (cap or remaining)
-    assert plan.chunk == 1 or plan.chunk * per <= budget
-    assert plan.over_budget == (per > budget)
+    fixed = vae.fixed_bytes("decode")
+    assert plan.chunk == 1 or plan.chunk * per + fixed <= budget
+    assert plan.planned_bytes == plan.chunk * per + fixed
+    assert plan.over_budget == (per + fixed > budget)
 
 
 def test_more_memory_never_means_smaller_chunks(vae):

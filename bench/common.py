@@ -1,0 +1,79 @@
+"""Shared helpers for the benchmarks: machine description, timing, SD-architecture VAEs, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def sd_vae(latent_channels: int = 4, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """An SD-architecture AutoencoderKL (128, 256, 512, 512; random weights) as our backend."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    from lib_vaebatch.backends.diffusers_vae import DiffusersVAE, family_config
+    from lib_vaebatch.families import get_family
+
+    diffusers.logging.set_verbosity_error()
+    fam = get_family("sd1" if latent_channels == 4 else "flux")
+    cfg = {k: v for k, v in family_config(fam.name).items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    module = AutoencoderKL(**cfg)
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    return DiffusersVAE(module, fam, name=f"sd-architecture-{fam.name}-random")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def write(name: str, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    js = RESULTS / f"{name}.json"
+    md = RESULTS / f"{name}.md"
+    js.write_text(json.dumps(payload, indent=2) + "\n")
+    md.write_text(table + "\n")
+    return js, md
