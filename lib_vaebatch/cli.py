@@ -44,6 +44,27 @@ def _chunk(value: str) -> str | int:
     return n
 
 
+def _tile_size(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tile-size takes a number of latent pixels, not {value!r}"
+        ) from None
+    if n < 8:
+        raise argparse.ArgumentTypeError(
+            "--tile-size is in latent pixels (image pixels / 8) and must be at least 8"
+        )
+    return n
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    # accepted after the subcommand too; SUPPRESS keeps the top-level default when absent
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show engine events"
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from lib_vaebatch.families import FAMILY_NAMES
 
@@ -75,6 +96,28 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="after a recovery, keep the recovered precision for the rest of the run's files",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbose(p)
+    t = p.add_argument_group("tiling")
+    t.add_argument(
+        "--tiling",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="auto (default): tile only when a sample does not fit (planned, or after out of memory); "
+        "always; never",
+    )
+    t.add_argument(
+        "--tile-mode",
+        choices=("exact", "fast"),
+        default="exact",
+        help="exact (default): same output as untiled; fast: less memory, statistics estimated",
+    )
+    t.add_argument(
+        "--tile-size",
+        type=_tile_size,
+        default=None,
+        metavar="N",
+        help="tile side in latent pixels (image pixels / 8), at least 8 (default: planned from free memory)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="outputs/demo", help="output folder (default outputs/demo)")
     demo.add_argument("--family", default="sd1", help="family of the approximate VAE (default sd1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbose(demo)
     return parser
 
 
@@ -174,6 +218,9 @@ def _engine_options(args: argparse.Namespace):  # -> EngineOptions
         nan_check=not args.no_nan_check,
         ladder=tuple(s for s in args.ladder.replace(" ", "").split(",") if s),
         keep_recovered_dtype=args.keep_precision,
+        tiling=args.tiling,
+        tile_mode=args.tile_mode,
+        tile_size=args.tile_size,
     )
 
 

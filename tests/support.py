@@ -102,6 +102,9 @@ class Recorder(VAEBackend):
     def fixed_bytes(self, op: Op) -> int:
         return self.inner.fixed_bytes(op)
 
+    def tiling_program(self, op: Op):  # type: ignore[no-untyped-def]
+        return self.inner.tiling_program(op)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.calls.append((latents.shape[0], self.inner.dtype, latents[:, 0, 0, 0].double().tolist()))
         return self.inner.decode(latents)
@@ -135,7 +138,7 @@ class OOMAbove(Recorder):
     def supports_tiling(self, op: Op) -> bool:
         return self.tiling
 
-    def decode_tiled(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_tiled(self, latents: torch.Tensor, settings: object) -> torch.Tensor:
         self.tiled_calls += 1
         return super().decode(latents)
 
@@ -155,3 +158,55 @@ def identify(markers: list[float], latents: torch.Tensor, scaling: float) -> lis
     """Map recorded first values (raw space) back to sample indices."""
     expected = (latents[:, 0, 0, 0].double() / scaling).tolist()
     return [min(range(len(expected)), key=lambda i: abs(expected[i] - m)) for m in markers]
+
+
+def structured_image(width: int, height: int, seed: int = 0) -> torch.Tensor:
+    """A non-stationary test picture in [-1, 1] ``[1, 3, H, W]``: a dark half, a bright half, and
+    coloured discs across both."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), (20, 25, 35))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((width // 2, 0, width, height), fill=(235, 225, 200))
+    for _ in range(12):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(8, max(9, width // 6))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def trained_autoencoder(steps: int = 100, seed: int = 5) -> torch.nn.Module:
+    """A tiny VAE briefly trained (seeded, CPU, ~10 s) to reconstruct structured pictures, so its
+    decoder behaves like a trained one (outputs in [-1, 1], smooth features) rather than like a
+    randomly initialised one (outputs of +-5..10)."""
+    torch.manual_seed(seed)
+    vae = tiny_autoencoder(4, seed=seed).train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for step in range(steps):
+        x = torch.cat([structured_image(64, 64, step * 4 + i) for i in range(4)])
+        posterior = vae.encode(x).latent_dist
+        loss = (vae.decode(posterior.sample()).sample - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vae.eval().requires_grad_(False)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1] (clamped, compared on [0, 1])."""
+    import math
+
+    mse = (((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+class OOMUntiled(Recorder):
+    """Fault injection: every untiled decode/encode runs out of memory (as at an image size that does
+    not fit); the backend's real tiled path, which uses the inner VAE's program, works."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    def encode(self, pixels: torch.Tensor) -> Moments:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")

@@ -231,3 +231,22 @@ def test_usage_errors(tmp_path):
         tmp_path / "nope.safetensors",
     )
     assert proc.returncode == 2 and "nope.safetensors: no such file" in proc.stderr
+
+
+def test_tiled_decode_matches_untiled_and_tile_size_is_checked(tmp_path, vae_file):
+    lat = write_latents(tmp_path / "big.safetensors", LatentBatch(marked_latents(1, size=24)))
+    plain = run_cli(
+        "decode", lat, "-o", tmp_path / "plain", "--vae", vae_file, "--tiling", "never", "--no-progress"
+    )
+    tiled = run_cli("decode", lat, "-o", tmp_path / "tiled", "--vae", vae_file, "--tiling", "always",
+                    "--tile-size", "8", "--no-progress", "-v")  # fmt: skip
+    assert plain.returncode == 0 and tiled.returncode == 0, tiled.stderr
+    a = np.asarray(Image.open(tmp_path / "plain" / "00000-big-0.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "tiled" / "00000-big-0.png")).astype(int)
+    assert a.shape == b.shape == (192, 192, 3) and np.abs(a - b).max() <= 1
+    assert (
+        infotext.parse(read_infotext(tmp_path / "tiled" / "00000-big-0.png")).params["VAE Batch"]
+        == "on, tiled"
+    )
+    bad = run_cli("decode", lat, "-o", tmp_path / "x", "--tile-size", "4")
+    assert bad.returncode == 2 and "at least 8" in bad.stderr

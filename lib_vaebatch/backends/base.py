@@ -11,12 +11,16 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from lib_vaebatch.engine.devices import dtype_supported
 from lib_vaebatch.families import Family
+from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
+
+if TYPE_CHECKING:
+    from lib_vaebatch.tiling import TileSettings
 
 Op = Literal["decode", "encode"]
 
@@ -121,17 +125,34 @@ class VAEBackend(ABC):
         """
         return 1 if self.device.type == "cpu" else None
 
+    def tiling_program(self, op: Op) -> Program:
+        """The encoder/decoder as a step program for the tiled executors (see lib_vaebatch.tiling).
+        Backends whose VAE is a torch module in diffusers or ldm/sgm/SD3 layout return it here."""
+        raise TilingUnavailableError(f"{self.name}: tiled {op} is not available for this backend")
+
     def supports_tiling(self, op: Op) -> bool:
         """Whether :meth:`decode_tiled` / :meth:`encode_tiled` work for this backend."""
-        return False
+        try:
+            self.tiling_program(op)
+        except (TilingUnavailableError, TilingUnsupportedError):
+            return False
+        return True
 
-    def decode_tiled(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode in tiles: the engine's path after out-of-memory at chunk size 1, or on request."""
-        raise TilingUnavailableError(f"{self.name}: tiled decode is not available for this backend")
+    def decode_tiled(self, latents: torch.Tensor, settings: TileSettings) -> torch.Tensor:
+        """Decode raw latents in tiles: after out-of-memory at chunk size 1, or on request."""
+        from lib_vaebatch.tiling import run_tiled
 
-    def encode_tiled(self, pixels: torch.Tensor) -> Moments:
-        """Encode in tiles (see :meth:`decode_tiled`)."""
-        raise TilingUnavailableError(f"{self.name}: tiled encode is not available for this backend")
+        z = latents.to(self.device, self.dtype)
+        return run_tiled(self.tiling_program("decode"), z, settings, key=(id(self), "decode"))
+
+    def encode_tiled(self, pixels: torch.Tensor, settings: TileSettings) -> Moments:
+        """Encode in tiles (see :meth:`decode_tiled`); the program ends with the posterior's moments."""
+        from lib_vaebatch.tiling import run_tiled
+
+        x = pixels.to(self.device, self.dtype)
+        moments = run_tiled(self.tiling_program("encode"), x, settings, key=(id(self), "encode"))
+        mean, logvar = moments.chunk(2, dim=1)
+        return Moments(mean, logvar.clamp(-30.0, 20.0))
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:

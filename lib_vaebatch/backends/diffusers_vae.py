@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lib_vaebatch.backends.base import Moments, VAEBackend
+from lib_vaebatch.backends.base import Moments, Op, VAEBackend
 from lib_vaebatch.backends.keys import WeightsFormatError, to_diffusers_naming, vae_key_map
 from lib_vaebatch.engine.devices import default_dtype, resolve_device
 from lib_vaebatch.families import (
@@ -30,6 +30,7 @@ from lib_vaebatch.families import (
     get_family,
 )
 from lib_vaebatch.tensorfile import TensorFileError, open_safetensors
+from lib_vaebatch.tiling.program import Program
 
 log = logging.getLogger("vaebatch")
 
@@ -167,6 +168,7 @@ class DiffusersVAE(VAEBackend):
         self.name = name
         self._path = path
         self._hash: str | None = None
+        self._programs: dict[str, Program] = {}
         param = next(module.parameters())
         self._device = param.device
         self._dtype = param.dtype
@@ -220,6 +222,17 @@ class DiffusersVAE(VAEBackend):
             x = x.contiguous(memory_format=torch.channels_last)
         dist = self.module.encode(x, return_dict=False)[0]
         return Moments(dist.mean, dist.logvar)
+
+    def tiling_program(self, op: Op) -> Program:
+        if op not in self._programs:
+            from lib_vaebatch.tiling.program import decoder_program, encoder_program
+
+            m = self.module
+            if op == "decode":
+                self._programs[op] = decoder_program(m.decoder, getattr(m, "post_quant_conv", None))
+            else:
+                self._programs[op] = encoder_program(m.encoder, getattr(m, "quant_conv", None))
+        return self._programs[op]
 
     @contextlib.contextmanager
     def prepare_for_speed(self) -> Iterator[None]:

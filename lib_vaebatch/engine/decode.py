@@ -9,6 +9,7 @@ from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import BatchResult
 from lib_vaebatch.engine.runner import BatchRunner, CancelFn, ProgressFn, SampleFn
 from lib_vaebatch.families import to_raw
+from lib_vaebatch.tiling import TileSettings
 
 
 class InputError(ValueError):
@@ -76,12 +77,12 @@ def decode_latents(
     shift = float(shift_factor if shift_factor is not None else backend.shift_factor)
     device = backend.device
 
-    def run(x: torch.Tensor, indices: list[int], tiled: bool) -> torch.Tensor:
+    def run(x: torch.Tensor, indices: list[int], tiles: TileSettings | None) -> torch.Tensor:
         # Cast first, then un-scale in the VAE's dtype, in the order the webui does it.
         z = x.to(device=device, dtype=backend.dtype)
         if scaled:
             z = to_raw(z, scale, shift)
-        return backend.decode_tiled(z) if tiled else backend.decode(z)
+        return backend.decode_tiled(z, tiles) if tiles is not None else backend.decode(z)
 
     h, w = latents.shape[-2:]
     pixels = h * w * backend.downscale * backend.downscale

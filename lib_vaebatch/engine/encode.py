@@ -16,6 +16,7 @@ from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
 from lib_vaebatch.engine.runner import BatchRunner, CancelFn, ProgressFn
 from lib_vaebatch.families import to_scaled
 from lib_vaebatch.images import DEFAULT_MAX_PIXELS, Alpha, Fit, PreparedImage, prepare_image, to_unit_range
+from lib_vaebatch.tiling import TileSettings
 
 
 @dataclass
@@ -87,10 +88,10 @@ def encode_pixels(
     device = backend.device
     scale, shift = backend.scaling_factor, backend.shift_factor
 
-    def run(x: torch.Tensor, indices: list[int], tiled: bool) -> torch.Tensor:
+    def run(x: torch.Tensor, indices: list[int], tiles: TileSettings | None) -> torch.Tensor:
         px = to_unit_range(x) if x.dtype == torch.uint8 else x.to(torch.float32)
         px = px.to(device)
-        moments = backend.encode_tiled(px) if tiled else backend.encode(px)
+        moments = backend.encode_tiled(px, tiles) if tiles is not None else backend.encode(px)
         z = moments.mean.float()
         if sample and moments.logvar is not None:
             noise = torch.stack(

@@ -12,6 +12,7 @@ from lib_vaebatch.engine.devices import parse_dtype
 
 ChunkMode = Literal["auto", "per-sample"]
 TilingMode = Literal["auto", "always", "never"]
+TileMode = Literal["exact", "fast"]
 
 DEFAULT_LADDER: tuple[str, ...] = ("bf16", "fp32")
 
@@ -42,12 +43,17 @@ class EngineOptions:
     output_dtype: str = "fp32"
     #: "auto": tiles only when needed (OOM at chunk 1, or one sample over budget); "always"; "never".
     tiling: TilingMode = "auto"
-    #: Tile size in latent pixels for tiled decode (None: planned).
+    #: "exact": tiled output equals untiled; "fast": high-resolution stage in independent tiles with
+    #: estimated statistics (less memory, close but not identical output).
+    tile_mode: TileMode = "exact"
+    #: Tile size in latent pixels (image pixels / 8), at least 8 (None: planned from free memory).
     tile_size: int | None = None
     #: Share of free memory a chunk may plan for.
     memory_fraction: float = 0.8
     #: Fixed memory budget in bytes instead of querying free memory (tests, benchmarks).
     memory_budget: int | None = None
+    #: On CUDA, measure the first chunk of each shape (peak allocated) and plan with the measurement.
+    calibrate: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +66,8 @@ class EngineOptions:
             raise ValueError(f"max_chunk must be a positive integer, not {self.max_chunk!r}")
         if self.tiling not in ("auto", "always", "never"):
             raise ValueError(f"tiling must be auto, always or never, not {self.tiling!r}")
+        if self.tile_mode not in ("exact", "fast"):
+            raise ValueError(f"tile_mode must be exact or fast, not {self.tile_mode!r}")
         if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 8):
             raise ValueError(f"tile_size is in latent pixels and must be >= 8, not {self.tile_size!r}")
         if not 0.05 <= float(self.memory_fraction) <= 1.0:

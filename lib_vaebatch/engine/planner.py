@@ -17,11 +17,33 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 def estimate_bytes(backend: VAEBackend, op: Op, pixels: int, dtype: torch.dtype) -> int:
     """Planned peak working memory of one sample in a chunk: activations per pixel, plus the
-    mid-block attention's score matrix in case the attention kernel materialises it. (A fixed
-    amount per call, ``backend.fixed_bytes``, comes on top once per chunk.)"""
+    mid-block attention's score matrix in case the attention kernel materialises it (a fixed amount
+    per call, ``backend.fixed_bytes``, comes on top once per chunk). Where a chunk of this shape
+    was measured (CUDA), the measurement is used instead."""
+    measured = measured_bytes_per_pixel(backend, op, pixels, dtype)
     size = dtype_bytes(dtype)
+    if measured is not None:
+        return int(measured * pixels * size)
     tokens = backend.attention_tokens(op, pixels)
     return int(backend.bytes_per_pixel(op) * pixels * size + tokens * tokens * size)
+
+
+# Measured peak bytes per pixel and byte of dtype, per backend, op, shape and dtype.
+_MEASURED: dict[tuple[int, str, int, torch.dtype], float] = {}
+
+
+def measured_bytes_per_pixel(
+    backend: VAEBackend, op: Op, pixels: int, dtype: torch.dtype | None = None
+) -> float | None:
+    return _MEASURED.get((id(backend), op, pixels, dtype or backend.dtype))
+
+
+def record_measurement(backend: VAEBackend, op: Op, pixels: int, chunk: int, peak_bytes: int) -> None:
+    """Keep a measured peak (allocated bytes over a chunk of ``chunk`` samples) for planning; the
+    fixed per-call part is kept out, and the model's estimate stays a floor."""
+    size = dtype_bytes(backend.dtype)
+    per_sample = max(0, peak_bytes - backend.fixed_bytes(op)) / max(1, chunk)
+    _MEASURED[(id(backend), op, pixels, backend.dtype)] = per_sample / (pixels * size)
 
 
 @dataclass(frozen=True)

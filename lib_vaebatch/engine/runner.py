@@ -22,13 +22,15 @@ from lib_vaebatch.backends.base import Op, VAEBackend
 from lib_vaebatch.engine.devices import dtype_name, empty_cache, is_oom, resolve_device, robustness
 from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
-from lib_vaebatch.engine.planner import Plan, plan_chunk
+from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
+from lib_vaebatch.tiling import TileSettings, TilingCancelledError
 
 log = logging.getLogger("vaebatch")
 
-#: ``fn(inputs[indices], indices, tiled)`` -> outputs on the VAE's device, one row per index.
-ChunkFn = Callable[[torch.Tensor, list[int], bool], torch.Tensor]
+#: ``fn(inputs[indices], indices, tiles)`` -> outputs on the VAE's device, one row per index;
+#: ``tiles`` is None for an untiled run.
+ChunkFn = Callable[[torch.Tensor, list[int], "TileSettings | None"], torch.Tensor]
 #: ``progress(done, total, text)``
 ProgressFn = Callable[[int, int, str], None]
 #: ``cancel()`` -> True to stop before the next chunk.
@@ -45,6 +47,15 @@ class _Outcome:
     dtype: torch.dtype
     tiled: bool = False
     error: str | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Launch:
+    pending: Pending | None = None
+    error: str | None = None
+    oom: bool = False
+    cancelled: bool = False
 
 
 def _non_finite_counts(x: torch.Tensor) -> str:
@@ -156,15 +167,19 @@ class BatchRunner:
             idx = [todo.popleft() for _ in range(min(size, len(todo)))]
             isolate = max(0, isolate - len(idx))
             dtype = self.backend.dtype
-            pending, error, oom = self._launch(idx, tiled)
-            if pending is not None:
-                inflight.append((idx, pending, dtype, tiled))
+            launch = self._launch(idx, tiled, plan)
+            if launch.pending is not None:
+                inflight.append((idx, launch.pending, dtype, tiled))
                 if not overlapped or len(inflight) > 1:
                     yield self._land(*inflight.popleft())
                 continue
             # Something failed: settle the work in flight first; the exception is already gone.
             while inflight:
                 yield self._land(*inflight.popleft())
+            error, oom = launch.error, launch.oom
+            if launch.cancelled:
+                todo.extendleft(reversed(idx))
+                break
             if oom:
                 empty_cache(self.backend.device)
                 if len(idx) > 1:
@@ -191,23 +206,72 @@ class BatchRunner:
         while inflight:
             yield self._land(*inflight.popleft())
 
-    def _launch(self, idx: list[int], tiled: bool) -> tuple[Pending | None, str | None, bool]:
-        """Run one chunk; returns (pending, None, False) or (None, message, is_oom). Never raises
-        for backend errors, so no exception (and no frame holding tensors) outlives this call."""
+    def _launch(self, idx: list[int], tiled: bool, plan: Plan) -> _Launch:
+        """Run one chunk. Never raises for backend errors, so no exception (and no frame holding
+        tensors) outlives this call and a retry starts with that memory freed."""
         x = self.inputs[idx[0] : idx[-1] + 1] if idx == list(range(idx[0], idx[-1] + 1)) else self.inputs[idx]
+        tiles = self._tile_settings(idx) if tiled else None
+        measure = not tiled and self._should_measure()
+        before = self._peak_reset() if measure else 0
         try:
-            out = self.fn(x, idx, tiled)
+            out = self.fn(x, idx, tiles)
             pending = self._offloader.submit(out, check=self.options.nan_check)
+        except TilingCancelledError:
+            self._cancelled = True
+            self.events.append(f"cancelled between tiles of sample {idx[0]}")
+            return _Launch(cancelled=True)
         except Exception as exc:
-            oom = is_oom(exc)
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-            if oom:
-                message = "out of memory"
-            else:
-                log.debug("chunk %s failed", idx, exc_info=True)
-            return None, message, oom
+            if is_oom(exc):
+                return _Launch(error="out of memory", oom=True)
+            log.debug("chunk %s failed", idx, exc_info=True)
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            return _Launch(error=f"{type(exc).__name__}: {text}".rstrip(": "))
+        if measure:
+            pending.wait()
+            peak = torch.cuda.max_memory_allocated(self.backend.device) - before
+            record_measurement(self.backend, self.op, self.pixels, len(idx), peak)
+            self.events.append(
+                f"measured {peak / 2**20:.0f} MiB for a chunk of {len(idx)}: memory model calibrated"
+            )
         self.chunk_sizes.append(len(idx))
-        return pending, None, False
+        return _Launch(pending=pending)
+
+    def _tile_settings(self, idx: list[int]) -> TileSettings:
+        def progress(done: int, total: int) -> None:
+            if self.progress is not None:
+                settled = sum(r.status is not Status.CANCELLED for r in self.reports) - len(
+                    self._awaiting_recovery
+                )
+                self.progress(
+                    settled, self.n, f"{self.op} {settled}/{self.n}, sample {idx[0]}: tile {done}/{total}"
+                )
+
+        def cancel() -> bool:
+            return self.cancel is not None and bool(self.cancel())
+
+        return TileSettings(
+            mode=self.options.tile_mode,
+            tile_size=self.options.tile_size,
+            budget=memory_budget(self.backend, self.options),
+            progress=progress,
+            cancel=cancel,
+        )
+
+    def _should_measure(self) -> bool:
+        """Calibrate the memory model from the first untiled chunk of this shape (CUDA only)."""
+        from lib_vaebatch.engine.planner import measured_bytes_per_pixel
+
+        return (
+            self.options.calibrate
+            and self.backend.device.type == "cuda"
+            and measured_bytes_per_pixel(self.backend, self.op, self.pixels) is None
+        )
+
+    def _peak_reset(self) -> int:
+        device = self.backend.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
 
     def _land(self, idx: list[int], pending: Pending, dtype: torch.dtype, tiled: bool) -> _Outcome:
         try:

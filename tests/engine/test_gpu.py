@@ -66,3 +66,33 @@ def test_free_memory_counts_the_allocators_unused_reserve():
     del block  # reserved by the caching allocator, but free for us
     after = free_memory(dev)
     assert abs(after - before) < (64 << 20)
+
+
+def test_tiled_decode_on_cuda_calibrates_and_matches(cuda_vae):
+    from lib_vaebatch.tiling import TileSettings, estimate_peak, run_tiled
+    from lib_vaebatch.tiling.plan import calibration_factor
+
+    program = cuda_vae.tiling_program("decode")
+    z = torch.randn(1, 4, 32, 32, device="cuda")
+    key = ("gpu-test", "decode")
+    with torch.no_grad():
+        ref = cuda_vae.module.decode(z).sample
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = run_tiled(program, z, TileSettings(tile_size=8), key=key)
+        peak = torch.cuda.max_memory_allocated() - before
+    assert (out - ref).abs().max().item() <= 1e-3
+    factor = calibration_factor(key, "exact", torch.float32)
+    assert factor is not None
+    planned = estimate_peak(program, (32, 32), 8, factor=factor)
+    assert 0.5 * peak <= planned <= 2.0 * peak
+
+
+def test_engine_measures_the_first_untiled_chunk(cuda_vae):
+    from lib_vaebatch.engine.planner import measured_bytes_per_pixel
+
+    result = decode_latents(cuda_vae, marked_latents(2, size=16), options=EngineOptions(max_chunk=2))
+    assert result.ok
+    assert any("memory model calibrated" in e for e in result.events)
+    assert measured_bytes_per_pixel(cuda_vae, "decode", 128 * 128) is not None

@@ -1,0 +1,253 @@
+"""Fast tiled execution: the high-resolution stage runs as independent tiles with estimated
+GroupNorm statistics, so its full-resolution activations are never held whole or synchronised.
+
+The program is cut at a clean point (no skip connection crosses it, no attention inside). The
+low-resolution part runs exactly (``exact.run_steps``). In the independent segment every tile
+computes, step by step, only the region later steps need (its core plus a halo that shrinks to
+zero).
+
+Statistics for the segment's norms are a ratio estimate:
+
+1. a *proxy* pass runs the segment exactly on its input subsampled by 2 (a quarter of the work):
+   it sees the whole image, but at half resolution its statistics are biased;
+2. a stratified sample of tiles (a checkerboard, or every other row and column on large grids)
+   runs in lockstep at full resolution: unbiased, but only part of the image;
+3. per channel, ``mean = proxy_mean + (sample_mean - proxy_mean_over_the_samples)`` and
+   ``var = proxy_var * sample_var / proxy_var_over_the_samples``: the sample tiles measure the
+   proxy's bias where both exist, and the proxy supplies the coverage.
+
+The sample tiles' outputs are final, so no tile is computed twice. With few tiles, every tile is a
+sample and the statistics are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, _base_hw, count_units, run_steps
+from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, input_regions
+from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
+from lib_vaebatch.tiling.stats import ChannelStats, Moments, norm_affine
+
+MIN_SAMPLE_TILES = 8
+
+
+def clean_cuts(program: Program) -> list[int]:
+    """Value indices where the program can be cut: no step after the cut reads a value before it."""
+    n = len(program.steps)
+    return [
+        cut
+        for cut in range(n + 1)
+        if all(s.src >= cut and (s.skip is None or s.skip >= cut) for s in program.steps[cut:])
+    ]
+
+
+def default_segment(program: Program) -> tuple[int, int]:
+    """The independent segment ``[first, last)`` of steps: a decoder's last resolution stage (from
+    its last upsampler on), an encoder's first (up to and including its first downsampler)."""
+    cuts = clean_cuts(program)
+    kinds = [s.kind for s in program.steps]
+    if program.kind == "decoder":
+        start = max((i for i, k in enumerate(kinds) if k == "up"), default=None)
+        if start is None or start not in cuts:
+            raise TilingUnsupportedError("no clean cut before the decoder's last resolution stage")
+        return start, len(kinds)
+    end = min((i for i, k in enumerate(kinds) if k == "down"), default=None)
+    if end is None or end + 1 not in cuts:
+        raise TilingUnsupportedError("no clean cut after the encoder's first resolution stage")
+    return 0, end + 1
+
+
+def sample_tiles(rows: int, cols: int) -> list[int]:
+    """Tile indices (row-major) whose statistics stand for the whole image: all tiles when there
+    are few, every other row and column on large grids, else a checkerboard."""
+    total = rows * cols
+    if total <= MIN_SAMPLE_TILES:
+        return list(range(total))
+    sparse = [r * cols + c for r in range(0, rows, 2) for c in range(0, cols, 2)]
+    if len(sparse) >= MIN_SAMPLE_TILES:
+        return sparse
+    return [r * cols + c for r in range(rows) for c in range(cols) if (r + c) % 2 == 0]
+
+
+class _Tile:
+    """One independent tile: what it needs of every value, and what it holds."""
+
+    def __init__(self, run: Run, first: int, last: int, core: Region) -> None:
+        self.core = core  # at the lowest resolution
+        program = run.program
+        req: dict[int, Region] = {last: core.scaled(run.factor(last))}
+        for i in range(last - 1, first - 1, -1):
+            step = program.steps[i]
+            src_need, skip_need = input_regions(step, req[i + 1], run.hw(step.src))
+            req[step.src] = src_need.union(req.get(step.src))
+            if step.skip is not None and skip_need is not None:
+                req[step.skip] = skip_need.union(req.get(step.skip))
+        self.req = req
+        self.slabs: dict[int, Slab] = {}
+
+    def core_of(self, run: Run, value: int) -> Region:
+        return self.core.scaled(run.factor(value))
+
+    def start(self, run: Run, first: int) -> None:
+        need = self.req[first]
+        data = run.values[first][:, :, need.y0 : need.y1, need.x0 : need.x1]
+        self.slabs[first] = Slab(data.to(run.device), need)
+
+    def step(self, run: Run, i: int, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        step = run.program.steps[i]
+        skip = self.slabs.get(step.skip) if step.skip is not None else None
+        y = compute(step, self.slabs[step.src], self.req[i + 1], run.hw(step.src), affine=affine, skip=skip)
+        self.slabs[i + 1] = Slab(y, self.req[i + 1])
+        last_use = run.program.last_use()
+        for value in (step.src, step.skip):
+            if value is not None and last_use[value] == i:
+                self.slabs.pop(value, None)
+        return y
+
+
+def _proxy_moments(
+    run: Run, first: int, last: int, samples: list[Region]
+) -> tuple[dict[int, Moments], dict[int, Moments]]:
+    """Run the segment exactly on its input subsampled by 2; per value inside the segment that a
+    norm reads: the moments over the whole proxy, and over the proxy's view of the sample tiles."""
+    program = run.program
+    bh, bw = run.base_hw[0] // 2, run.base_hw[1] // 2
+    f = run.factor(first)
+    x = run.values[first][:, :, : 2 * bh * f : 2, : 2 * bw * f : 2]
+    proxy = Run(program, max(bh, bw), (bh, bw), run.device, run.store, None, run.cancel)
+    proxy.values[first] = x.to(run.store)
+    if first in run.stats:
+        proxy.stats[first] = ChannelStats(x.shape[0], x.shape[1], run.device)
+        proxy.stats[first].add(x.to(run.device))
+    needed = program.needs_stats()
+    whole: dict[int, Moments] = {}
+    local: dict[int, Moments] = {}
+
+    def seen(value: int, tensor: torch.Tensor) -> None:
+        if not needed[value] or value >= last:
+            return
+        whole[value] = proxy.stats[value].moments()
+        fv = proxy.factor(value)
+        acc = ChannelStats(tensor.shape[0], tensor.shape[1], run.device)
+        for core in samples:
+            r = Region(
+                core.y0 // 2, min(bh, -(-core.y1 // 2)), core.x0 // 2, min(bw, -(-core.x1 // 2))
+            ).scaled(fv)
+            if r.height > 0 and r.width > 0:
+                acc.add(tensor[:, :, r.y0 : r.y1, r.x0 : r.x1].to(run.device))
+        local[value] = acc.moments()
+
+    run_steps(proxy, first, last, on_value=seen)
+    return whole, local
+
+
+def _ratio(proxy: Moments, proxy_at_samples: Moments, samples: Moments) -> Moments:
+    tiny = torch.finfo(torch.float32).tiny
+    ratio = torch.where(proxy_at_samples.var > tiny, samples.var / proxy_at_samples.var.clamp_min(tiny), 1.0)
+    var = torch.where(proxy_at_samples.var > tiny, proxy.var * ratio, samples.var)
+    return Moments(proxy.mean + (samples.mean - proxy_at_samples.mean), var)
+
+
+def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelStats | None:
+    """Steps ``first .. last-1`` as independent tiles; value ``first`` is whole in ``run.values``
+    (with its statistics in ``run.stats`` if the segment normalises it). Writes value ``last`` into
+    ``out`` and returns its statistics (over every tile) if a later step needs them."""
+    program = run.program
+    need_stats = program.needs_stats()
+    cores = grid(run.base_hw[0], run.base_hw[1], run.tile)
+    rows = len({c.y0 for c in cores})
+    cols = len(cores) // rows
+    sampled = sample_tiles(rows, cols)
+    exact = len(sampled) == len(cores)
+    out_stats = ChannelStats(out.shape[0], out.shape[1], run.device) if need_stats[last] else None
+    proxy: dict[int, Moments] = {}
+    proxy_local: dict[int, Moments] = {}
+    if not exact and min(run.base_hw) >= 2:
+        proxy, proxy_local = _proxy_moments(run, first, last, [cores[k] for k in sampled])
+
+    def finish(tile: _Tile) -> None:
+        region = tile.core_of(run, last)
+        y = tile.slabs[last].crop(region)
+        if out_stats is not None:
+            out_stats.add(y)
+        out[:, :, region.y0 : region.y1, region.x0 : region.x1] = y.to(out.device)
+        tile.slabs.clear()
+
+    # The sample tiles, in lockstep: full-resolution statistics of part of the image.
+    estimates: dict[int, Moments] = {first: run.stats[first].moments()} if first in run.stats else {}
+    tiles = [_Tile(run, first, last, cores[k]) for k in sampled]
+    for tile in tiles:
+        tile.start(run, first)
+    for i in range(first, last):
+        step = program.steps[i]
+        affine = norm_affine(estimates[step.src], step.norm) if step.norm is not None else None
+        value = i + 1
+        acc = ChannelStats(out.shape[0], program.channels[value], run.device) if need_stats[value] else None
+        for tile in tiles:
+            tile.step(run, i, affine)
+            if acc is not None and value < last:
+                acc.add(tile.slabs[value].crop(tile.core_of(run, value)))
+            run.tick()
+        if acc is not None and value < last:
+            measured = acc.moments()
+            ratio = not exact and value in proxy
+            estimates[value] = _ratio(proxy[value], proxy_local[value], measured) if ratio else measured
+    for tile in tiles:
+        finish(tile)
+
+    # Every other tile on its own, with the statistics frozen.
+    affines = {
+        i: norm_affine(estimates[program.steps[i].src], program.steps[i].norm)  # type: ignore[arg-type]
+        for i in range(first, last)
+        if program.steps[i].norm is not None
+    }
+    for k, core in enumerate(cores):
+        if k in sampled:
+            continue
+        tile = _Tile(run, first, last, core)
+        tile.start(run, first)
+        for i in range(first, last):
+            tile.step(run, i, affines.get(i))
+            run.tick()
+        finish(tile)
+    return out_stats
+
+
+def run_fast(
+    program: Program,
+    x: torch.Tensor,
+    *,
+    tile: int,
+    segment: tuple[int, int] | None = None,
+    store: torch.device | None = None,
+    progress: TileProgress | None = None,
+    cancel: TileCancel | None = None,
+) -> torch.Tensor:
+    """Run ``program`` with its high-resolution stage in independent tiles (see the module doc)."""
+    first, last = segment or default_segment(program)
+    n = len(program.steps)
+    if any(program.steps[i].kind == "attn" for i in range(first, last)):
+        raise TilingUnsupportedError("attention cannot run in independent tiles")
+    device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
+    run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel)
+    n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
+    run.total = count_units(run, 0, first) + n_tiles * (last - first) + count_units(run, last, n)
+    run.values[0] = x.to(run.store)
+    if program.needs_stats()[0]:
+        run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)
+        run.stats[0].add(x.to(device))
+    run_steps(run, 0, first)
+    h, w = run.hw(last)
+    out = torch.empty(
+        (x.shape[0], program.channels[last], h, w), dtype=run.values[first].dtype, device=run.store
+    )
+    stats = run_segment(run, first, last, out)
+    for value in [v for v in run.values if v < last]:
+        run.values.pop(value)
+        run.stats.pop(value, None)
+    run.values[last] = out
+    if stats is not None:
+        run.stats[last] = stats
+    run_steps(run, last, n)
+    return run.values[n]
