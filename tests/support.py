@@ -9,6 +9,7 @@ import torch
 from lib_vaebatch.backends.base import Moments, Op, VAEBackend
 from lib_vaebatch.backends.diffusers_vae import DiffusersVAE
 from lib_vaebatch.families import get_family
+from lib_vaebatch.tiling import TileSettings
 
 # Four levels, so latents are 1/8 of the image as in every SD-family VAE; widths are multiples of
 # 32 (the GroupNorm group count the shipped configs use) and change between levels, so the
@@ -210,3 +211,31 @@ class OOMUntiled(Recorder):
 
     def encode(self, pixels: torch.Tensor) -> Moments:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+
+class OOMBigTiles(OOMUntiled):
+    """Fault injection one level down: untiled runs out of memory, and so does a tiled run whose tile
+    is wider than ``limit`` latent pixels, part-way through (after its first tile), as a real
+    allocation failure inside the tiler would."""
+
+    def __init__(self, inner: VAEBackend, limit: int) -> None:
+        super().__init__(inner)
+        self.limit = limit
+        self.tile_sizes: list[int] = []
+
+    def decode_tiled(self, latents: torch.Tensor, settings: TileSettings) -> torch.Tensor:
+        outer = settings.progress
+
+        def progress(done: int, total: int) -> None:
+            assert settings.used_tile is not None
+            if done == 1:
+                self.tile_sizes.append(settings.used_tile)
+            if settings.used_tile > self.limit:
+                raise torch.cuda.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate {settings.used_tile} GiB (injected, in tiles)"
+                )
+            if outer is not None:
+                outer(done, total)
+
+        settings.progress = progress
+        return super().decode_tiled(latents, settings)

@@ -24,7 +24,7 @@ from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
-from lib_vaebatch.tiling import TileSettings, TilingCancelledError
+from lib_vaebatch.tiling import MIN_TILE, TileSettings, TilingCancelledError
 
 log = logging.getLogger("vaebatch")
 
@@ -56,6 +56,7 @@ class _Launch:
     error: str | None = None
     oom: bool = False
     cancelled: bool = False
+    tile: int | None = None  # the tile size a tiled launch ran with
 
 
 def _non_finite_counts(x: torch.Tensor) -> str:
@@ -100,6 +101,7 @@ class BatchRunner:
         self._awaiting_recovery: set[int] = set()
         self._cap: int | None = None  # chunk limit learnt from an out-of-memory error
         self._force_tiled = False
+        self._tile_cap: int | None = None  # tile-size limit learnt from an out-of-memory error
         self._cancelled = False
         target = backend.device if self.options.offload == "device" else resolve_device(self.options.offload)
         self._offloader = Offloader(backend.device, target, self.options.out_dtype)
@@ -190,10 +192,16 @@ class BatchRunner:
                     self._force_tiled = True
                     self.events.append(f"out of memory at chunk 1; {self.op} continues in tiles")
                     todo.appendleft(idx[0])
+                elif tiled and launch.tile is not None and launch.tile > MIN_TILE:
+                    self._tile_cap = max(MIN_TILE, launch.tile // 2)
+                    self.events.append(
+                        f"out of memory in tiles of {launch.tile}; retrying with tiles of {self._tile_cap}"
+                    )
+                    todo.appendleft(idx[0])
                 else:
                     why = "tiling is off" if self.options.tiling == "never" else "no tiled path for this VAE"
                     if tiled:
-                        why = "even in tiles"
+                        why = f"even in tiles of {launch.tile or MIN_TILE}"
                     yield _Outcome(
                         idx, [None], [False], dtype, tiled, f"out of memory at chunk size 1 ({why})"
                     )
@@ -222,7 +230,7 @@ class BatchRunner:
             return _Launch(cancelled=True)
         except Exception as exc:
             if is_oom(exc):
-                return _Launch(error="out of memory", oom=True)
+                return _Launch(error="out of memory", oom=True, tile=tiles.used_tile if tiles else None)
             log.debug("chunk %s failed", idx, exc_info=True)
             text = str(exc).splitlines()[0] if str(exc) else ""
             return _Launch(error=f"{type(exc).__name__}: {text}".rstrip(": "))
@@ -252,6 +260,7 @@ class BatchRunner:
         return TileSettings(
             mode=self.options.tile_mode,
             tile_size=self.options.tile_size,
+            max_tile=self._tile_cap,
             budget=memory_budget(self.backend, self.options),
             progress=progress,
             cancel=cancel,

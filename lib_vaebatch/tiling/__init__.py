@@ -43,19 +43,25 @@ TileMode = Literal["exact", "fast"]
 
 @dataclass
 class TileSettings:
-    """How to tile one call: mode, tile size in latent pixels (None: planned from ``budget``)."""
+    """How to tile one call: mode, tile size in latent pixels (None: planned from ``budget``),
+    ``max_tile`` a cap learnt from an out-of-memory error (it wins over a given or planned size).
+    ``used_tile`` is filled in with the tile size the call actually ran with."""
 
     mode: TileMode = "exact"
     tile_size: int | None = None
     budget: int | None = None
     progress: TileProgress | None = None
     cancel: TileCancel | None = None
+    max_tile: int | None = None
+    used_tile: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "fast"):
             raise ValueError(f"tile mode must be 'exact' or 'fast', not {self.mode!r}")
-        if self.tile_size is not None and self.tile_size < MIN_TILE:
-            raise ValueError(f"tile size is in latent pixels and must be >= {MIN_TILE}, not {self.tile_size}")
+        for name in ("tile_size", "max_tile"):
+            value = getattr(self, name)
+            if value is not None and value < MIN_TILE:
+                raise ValueError(f"tile size is in latent pixels and must be >= {MIN_TILE}, not {value}")
 
 
 @dataclass
@@ -73,11 +79,12 @@ def plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object 
     factor = calibration_factor(key, settings.mode, x.dtype) if key is not None else None
     if settings.tile_size is not None:
         tile = settings.tile_size
-        return TilePlan(
-            tile, estimate_peak(program, base, tile, factor=factor or DEFAULT_WORKSPACE_FACTOR, **kw), segment
-        )  # type: ignore[arg-type]
-    budget = settings.budget if settings.budget is not None else 1 << 62
-    tile, peak = plan_tile(program, base, budget, factor=factor, **kw)  # type: ignore[arg-type]
+    else:
+        budget = settings.budget if settings.budget is not None else 1 << 62
+        tile = plan_tile(program, base, budget, factor=factor, **kw)[0]  # type: ignore[arg-type]
+    if settings.max_tile is not None:
+        tile = min(tile, settings.max_tile)
+    peak = estimate_peak(program, base, tile, factor=factor or DEFAULT_WORKSPACE_FACTOR, **kw)  # type: ignore[arg-type]
     return TilePlan(tile, peak, segment)
 
 
@@ -87,6 +94,7 @@ def run_tiled(
     """Run ``program`` on ``x`` in tiles. On CUDA the first run per (module, mode, dtype) also
     calibrates the memory model from the measured peak."""
     p = plan(program, x, settings, key)
+    settings.used_tile = max(MIN_TILE, min(p.tile, max(_base_hw(program, x))))
 
     def execute() -> torch.Tensor:
         if settings.mode == "fast":

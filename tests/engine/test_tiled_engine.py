@@ -10,7 +10,7 @@ from lib_vaebatch.engine.decode import decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import Status
-from tests.support import OOMUntiled, Recorder, marked_latents, psnr, tiny_backend
+from tests.support import OOMBigTiles, OOMUntiled, Recorder, marked_latents, psnr, tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,25 @@ def test_oom_at_the_untiled_size_falls_back_to_real_tiles_and_completes(vae):
     for a, b in zip(result.outputs, reference.outputs, strict=True):
         assert (a - b).abs().max().item() <= 1e-3
     assert oom.calls == [], "no untiled decode ever succeeded"
+
+
+def test_oom_inside_tiles_halves_the_tile_down_to_the_minimum_and_keeps_every_image(vae):
+    latents = marked_latents(3, size=40)
+    reference = _ref(vae, latents)
+    oom = OOMBigTiles(vae, limit=10)
+    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=40))
+    assert result.ok and all(r.tiled for r in result.reports)
+    assert oom.tile_sizes[:3] == [40, 20, 10], "halved 40 -> 20 -> 10, then every sample ran at 10"
+    assert set(oom.tile_sizes[3:]) == {10}
+    assert any("out of memory in tiles of 40; retrying with tiles of 20" in e for e in result.events)
+    for a, b in zip(result.outputs, reference.outputs, strict=True):
+        assert (a - b).abs().max().item() <= 1e-3
+
+    # Below the minimum tile there is nothing left to try: that sample fails with a clear reason.
+    stuck = decode_latents(OOMBigTiles(vae, limit=4), latents[:1], options=EngineOptions(tile_size=16))
+    assert not stuck.ok
+    assert stuck.reports[0].status is Status.FAILED
+    assert "even in tiles of 8" in stuck.reports[0].message
 
 
 @pytest.mark.parametrize(("mode", "size"), [("exact", 24), ("fast", 16), ("fast", 24)])
