@@ -1,7 +1,45 @@
 // VAE Batch: all globals live in one namespace object, because every extension's JavaScript shares
-// one page scope. Hover help for the script's options is registered here by element id (vaebatch-*).
+// one page scope. Hover help for the script's options comes from the argument model: the script
+// renders it as JSON in a hidden element (class "vaebatch-help"); here it becomes title attributes.
 (function () {
     "use strict";
     var ns = (window.vaebatch = window.vaebatch || {});
-    ns.hints = ns.hints || {};
+
+    ns.applyHints = function (root) {
+        root = root || (typeof gradioApp === "function" ? gradioApp() : document);
+        var holders = root.querySelectorAll(".vaebatch-help");
+        for (var i = 0; i < holders.length; i++) {
+            var holder = holders[i];
+            var host = holder.closest("[id]");
+            var prefix = host ? host.id.replace(/help$/, "") : "";
+            var help;
+            try {
+                help = JSON.parse(holder.getAttribute("data-help") || "{}");
+            } catch (e) {
+                continue;
+            }
+            Object.keys(help).forEach(function (suffix) {
+                var el = root.querySelector("#" + prefix + suffix);
+                if (!el) {
+                    return;
+                }
+                el.title = help[suffix];
+                var targets = el.querySelectorAll("label, span, input, select, .label-wrap");
+                for (var j = 0; j < targets.length; j++) {
+                    targets[j].title = help[suffix];
+                }
+            });
+        }
+    };
+
+    if (typeof onUiLoaded === "function") {
+        onUiLoaded(function () {
+            ns.applyHints();
+        });
+    }
+    if (typeof onUiUpdate === "function") {
+        onUiUpdate(function () {
+            ns.applyHints();
+        });
+    }
 })();

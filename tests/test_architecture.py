@@ -94,3 +94,14 @@ def test_code_runs_on_python_3_10():
     args = ["-t=3.10-", "--no-tips", "--violations", "--eval-annotations", *targets]
     proc = subprocess.run([VERMIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_only_the_webui_sub_package_touches_modules():
+    """gradio may appear in the UI sub-package too, but ``modules.*`` only in lib_vaebatch/webui,
+    and its argument model (args.py) stays importable without a webui."""
+    outside = [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] != "webui"]
+    offenders = sorted(str(p.relative_to(ROOT)) for p in outside if "modules" in _imported_roots(p))
+    assert offenders == []
+    assert "modules" not in _imported_roots(PACKAGE / "webui" / "args.py")
+    scripts_entry = ROOT / "scripts" / "vaebatch.py"
+    assert len(scripts_entry.read_text().splitlines()) < 20, "scripts/vaebatch.py stays a thin entry"

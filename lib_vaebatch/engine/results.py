@@ -69,7 +69,7 @@ class BatchResult:
     def summary(self) -> str:
         """Short text for infotext and logs, e.g. ``chunk 4, recovered bf16 ×2, tiled ×1``."""
         parts = []
-        if self.chunk_sizes:
+        if self.chunk_sizes and max(self.chunk_sizes) > 1:  # one at a time is the webui's own way
             parts.append(f"chunk {max(self.chunk_sizes)}")
         recovered = Counter(r.dtype for r in self.reports if r.status is Status.RECOVERED)
         parts += [f"recovered {dt} ×{n}" for dt, n in sorted(recovered.items(), key=lambda kv: str(kv[0]))]

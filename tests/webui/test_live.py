@@ -1,0 +1,91 @@
+"""Against a real webui (A1111 1.10.1 started with --api and this extension installed), through
+the ``webuiapi`` client. Skipped unless VAEBATCH_WEBUI_URL names it, e.g.
+``VAEBATCH_WEBUI_URL=http://127.0.0.1:7860 ./dev.sh test tests/webui/test_live.py``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+URL = os.environ.get("VAEBATCH_WEBUI_URL", "").rstrip("/")
+pytestmark = pytest.mark.skipif(not URL, reason="VAEBATCH_WEBUI_URL names no running webui")
+
+ON = {"VAE Batch": {"args": [True]}}
+
+
+@pytest.fixture(scope="module")
+def api():
+    webuiapi = pytest.importorskip("webuiapi")
+    return webuiapi.WebUIApi(baseurl=f"{URL}/sdapi/v1", steps=2, sampler="Euler")
+
+
+def _infotexts(result):
+    info = result.info
+    return info["infotexts"][info.get("index_of_first_image", 0) :] if isinstance(info, dict) else []
+
+
+def _txt2img(api, alwayson=None, **kw):
+    return api.txt2img(
+        prompt="a lighthouse", seed=11, width=64, height=64, batch_size=2, steps=2,
+        alwayson_scripts=alwayson or {}, **kw,
+    )  # fmt: skip
+
+
+def test_script_is_listed_with_its_arguments(api):
+    from lib_vaebatch.webui import args as A
+
+    info = api.session.get(f"{URL}/sdapi/v1/script-info", timeout=60).json()
+    ours = [s for s in info if s["name"] == "vae batch"]
+    assert {s["is_img2img"] for s in ours} == {False, True}
+    assert [a["label"] for a in ours[0]["args"]] == [a.label for a in A.ARGS]
+
+
+@pytest.mark.parametrize("hires", [None, "Latent", "Lanczos"])
+def test_txt2img_takeover_with_and_without_hires_fix(api, hires):
+    hr = {"enable_hr": True, "hr_upscaler": hires, "hr_scale": 2, "hr_second_pass_steps": 2,
+          "denoising_strength": 0.5} if hires else {}  # fmt: skip
+    result = _txt2img(api, ON, **hr)
+    texts = _infotexts(result)
+    assert len(result.images) == 2 and len(texts) == 2
+    assert all("VAE Batch: " in t for t in texts), texts
+    size = 128 if hires else 64
+    assert all(im.size == (size, size) for im in result.images)
+
+
+def test_a_job_without_the_script_is_untouched(api):
+    plain = _txt2img(api)
+    assert not any("VAE Batch" in t for t in _infotexts(plain))
+    ours = _txt2img(api, ON)
+    # Same seed, same model: the engine's decode equals the webui's (fp32 on CPU), up to PNG rounding.
+    import numpy as np
+
+    for a, b in zip(plain.images, ours.images, strict=True):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+
+
+def test_img2img_takeover(api):
+    from PIL import Image
+
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    result = api.img2img(
+        images=[init], prompt="a lighthouse", seed=5, width=64, height=64, batch_size=2, steps=2,
+        denoising_strength=0.5, alwayson_scripts=ON,
+    )  # fmt: skip
+    texts = _infotexts(result)
+    assert len(result.images) == 2 and all("VAE Batch: " in t for t in texts)
+
+
+def test_unknown_script_title_is_a_422(api):
+    r = api.session.post(
+        f"{URL}/sdapi/v1/txt2img",
+        json={
+            "prompt": "x",
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "alwayson_scripts": {"VAE Batchh": {"args": [True]}},
+        },
+        timeout=120,
+    )
+    assert r.status_code == 422
