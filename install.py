@@ -1,54 +1,43 @@
 """Webui extension installer: installs the extension's missing dependencies into the webui's Python.
 
-Run by the webui as ``python install.py`` at launch (skipped with ``--skip-install``). It reads the
-dependency list from pyproject.toml, never installs or upgrades torch (the webui owns it: torch is
-pinned to the installed version for every pip call), and imports nothing from the package.
+The webui runs it as ``python install.py`` at launch (not at all with ``--skip-install``). It is
+self-contained (no imports from the package, no tomllib: it runs on Python 3.10), installs only
+packages that are missing *by name* (a version the webui pinned is never upgraded or downgraded),
+never installs torch (the webui owns it; torch is also held at its installed version for the pip
+call so pip cannot move it), and never fails the webui's start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+#: Distribution name -> requirement to install when it is missing. Kept equal to pyproject.toml's
+#: [project] dependencies minus torch (tests/test_install.py checks).
+REQUIREMENTS = {
+    "numpy": "numpy>=1.26",
+    "pillow": "pillow>=9.5",
+    "piexif": "piexif>=1.1.3",
+    "safetensors": "safetensors>=0.4.2",
+}
 NEVER_INSTALL = {"torch"}  # the host webui brings (and pins) its own
 
 
-def read_dependencies(pyproject: Path) -> list[str]:
-    """``[project] dependencies`` from pyproject.toml (tomllib where available, else a small parser)."""
-    text = pyproject.read_text(encoding="utf-8")
+def is_installed(name: str) -> bool:
     try:
-        import tomllib  # novermin - Python >= 3.11; the fallback below serves 3.10
-    except ImportError:
-        section = re.search(r"^\[project\]\s*$(.*?)(?=^\[)", text, re.DOTALL | re.MULTILINE)
-        body = section.group(1) if section else ""
-        deps = re.search(r"^dependencies\s*=\s*\[(.*?)\]", body, re.DOTALL | re.MULTILINE)
-        return re.findall(r'"([^"]+)"', deps.group(1)) if deps else []
-    return list(tomllib.loads(text).get("project", {}).get("dependencies", []))
-
-
-def _name(spec: str) -> str:
-    return re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].strip()
-
-
-def needs_install(spec: str) -> bool:
-    """True when the requirement is missing or its installed version does not satisfy it."""
-    try:
-        installed = metadata.version(_name(spec))
-    except metadata.PackageNotFoundError:
+        metadata.distribution(name)
         return True
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # no packaging: presence is all we can check
+    except metadata.PackageNotFoundError:
         return False
-    return not Requirement(spec).specifier.contains(installed, prereleases=True)
+
+
+def missing() -> list[str]:
+    return [req for name, req in REQUIREMENTS.items() if name not in NEVER_INSTALL and not is_installed(name)]
 
 
 def skip_requested() -> bool:
@@ -59,9 +48,8 @@ def skip_requested() -> bool:
 def main() -> int:
     if skip_requested():
         return 0
-    wanted = [d for d in read_dependencies(HERE / "pyproject.toml") if _name(d).lower() not in NEVER_INSTALL]
-    missing = [d for d in wanted if needs_install(d)]
-    if not missing:
+    wanted = missing()
+    if not wanted:
         return 0
     with (
         tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints,
@@ -69,9 +57,12 @@ def main() -> int:
     ):
         constraints.write(f"torch=={metadata.version('torch')}\n")  # never let pip move torch
     try:
-        print(f"[VAE Batch] installing {', '.join(missing)}")
-        cmd = [sys.executable, "-m", "pip", "install", "--prefer-binary", "-c", constraints.name, *missing]
-        return subprocess.call(cmd)
+        print(f"[VAE Batch] installing {', '.join(wanted)}", flush=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--prefer-binary", "-c", constraints.name, *wanted]
+        code = subprocess.call(cmd)
+        if code:
+            print(f"[VAE Batch] pip exited with {code}; install {' '.join(wanted)} by hand", flush=True)
+        return 0  # never stop the webui from starting
     finally:
         os.unlink(constraints.name)
 
