@@ -163,3 +163,13 @@ class VAEBackend(ABC):
     def prepare_for_speed(self) -> contextlib.AbstractContextManager[None]:
         """Scoped device tuning during a job (e.g. cuDNN autotuning); a no-op by default."""
         return contextlib.nullcontext()
+
+
+def module_tiling_program(module: torch.nn.Module, op: Op) -> Program:
+    """The step program of an AutoencoderKL-shaped module (``encoder``/``decoder`` with optional
+    ``quant_conv``/``post_quant_conv``), in diffusers or ldm/sgm/SD3 layout."""
+    from lib_vaebatch.tiling.program import decoder_program, encoder_program
+
+    if op == "decode":
+        return decoder_program(module.decoder, getattr(module, "post_quant_conv", None))
+    return encoder_program(module.encoder, getattr(module, "quant_conv", None))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lib_vaebatch.backends.base import Moments, Op, VAEBackend
+from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_tiling_program
 from lib_vaebatch.backends.keys import WeightsFormatError, to_diffusers_naming, vae_key_map
 from lib_vaebatch.engine.devices import default_dtype, resolve_device
 from lib_vaebatch.families import (
@@ -225,13 +225,7 @@ class DiffusersVAE(VAEBackend):
 
     def tiling_program(self, op: Op) -> Program:
         if op not in self._programs:
-            from lib_vaebatch.tiling.program import decoder_program, encoder_program
-
-            m = self.module
-            if op == "decode":
-                self._programs[op] = decoder_program(m.decoder, getattr(m, "post_quant_conv", None))
-            else:
-                self._programs[op] = encoder_program(m.encoder, getattr(m, "quant_conv", None))
+            self._programs[op] = module_tiling_program(self.module, op)
         return self._programs[op]
 
     @contextlib.contextmanager
