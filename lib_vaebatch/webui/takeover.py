@@ -39,7 +39,6 @@ class Job:
     p: Any
     encode_init: bool = False
     hr_started: bool = False  # before_hr ran for the current batch: decodes now are final decodes
-    summaries: list[str] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)  # final latents, for "save latents"
     results: list[BatchResult] = field(default_factory=list)
 
@@ -94,7 +93,6 @@ class Job:
                 say(event)
         images = self._assemble(result, latents)
         if final:
-            self.summaries.append(result.summary())
             self.p.extra_generation_params[A.TITLE] = result.summary()
             if self.values["save_latents"]:
                 self.latents.append(latents[: len(images)].detach().to("cpu", torch.float32))

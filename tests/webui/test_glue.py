@@ -225,8 +225,9 @@ def test_reload_ui_restores_the_patch_and_does_not_double_callbacks(webui):
 
 def test_img2img_decode_and_optional_init_encode(webui):
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(3))
+    webui.processing.core_decode_calls.clear()
     _, ours = webui.run("img2img", alwayson=ON, init_images=[image], batch_size=2)
-    assert webui.processing.images_tensor_to_samples is not None
+    assert webui.processing.core_decode_calls == [] and len(ours.images) == 2
     assert "VAE Batch: on" in ours.infotexts[0]
     # The setting routes the init-image encode through the engine: posterior mean, so repeatable.
     webui.shared.opts.vaebatch_img2img_encode = True
