@@ -1,4 +1,4 @@
-"""Latents files: ours (``vaebatch/1``), ComfyUI ``.latent``, and NumPy ``.npy``.
+"""Latents files: ours (``vaebatch/1``), ComfyUI ``.latent``, NumPy ``.npy`` and PyTorch ``.pt``/``.pth``.
 
 Ours is a safetensors file with one tensor ``latents`` ``[B, C, h, w]`` (float32 or float16) and flat
 string metadata, every key optional::
@@ -14,8 +14,10 @@ string metadata, every key optional::
     vae_hash        its short hash (10 hex digits, as the webui shows)
     parameters      JSON list of infotext strings, one per sample
 
-A file holding only the tensor works. Reading never executes code: safetensors and ``.npy`` with
-``allow_pickle=False`` only.
+A file holding only the tensor works. Reading never executes code: safetensors, ``.npy`` with
+``allow_pickle=False``, and ``.pt``/``.pth`` (``torch.save`` of a tensor or of a dict with ``latents``,
+``samples`` or ``latent_tensor``) through :mod:`lib_vaebatch.ptfile`, which interprets a whitelisted
+subset of pickle opcodes itself and never unpickles. ``.ckpt``, ``.bin`` and ``.pkl`` are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from lib_vaebatch.families import FAMILY_NAMES, Family, default_family_for_channels, get_family
 from lib_vaebatch.naming import publish
+from lib_vaebatch.ptfile import PtFileError, load_pt_tensor
 from lib_vaebatch.tensorfile import TensorFileError, open_safetensors, read_header
 
 FORMAT = "vaebatch/1"
@@ -39,7 +42,8 @@ COMFY_TENSOR = "latent_tensor"
 COMFY_MARKER = "latent_format_version_0"
 COMFY_LEGACY_SCALE = 0.18215
 MAX_LATENT_ELEMENTS = 1 << 31  # 8 GiB of float32: refused before reading anything
-SUFFIXES = (".safetensors", ".latent", ".npy")
+SUFFIXES = (".safetensors", ".latent", ".npy", ".pt", ".pth")
+PT_KEYS = (TENSOR, "samples", COMFY_TENSOR)  # the tensor taken from a dict saved in a .pt file
 
 
 class LatentFileError(ValueError):
@@ -279,7 +283,7 @@ def _read_npy(path: Path) -> LatentBatch:
 
 
 def read_latents(path: str | Path) -> LatentBatch:
-    """Read our latents file, a ComfyUI ``.latent`` or a ``.npy`` (assumed scaled).
+    """Read our latents file, a ComfyUI ``.latent``, or a ``.npy``/``.pt``/``.pth`` (assumed scaled).
 
     Raises :class:`LatentFileError` for anything unusable (never a traceback-worthy error)."""
     p = Path(path)
@@ -290,7 +294,14 @@ def read_latents(path: str | Path) -> LatentBatch:
         return _read_npy(p)
     if suffix in (".safetensors", ".latent"):
         return _read_safetensors(p)
-    if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+    if suffix in (".pt", ".pth"):
+        try:
+            t = load_pt_tensor(p, PT_KEYS, max_elements=MAX_LATENT_ELEMENTS)
+        except PtFileError as exc:
+            raise LatentFileError(p, exc.problem) from None
+        t = _check_tensor(p, t[None] if t.ndim == 3 else t)
+        return LatentBatch(t, scaled=True, path=str(p), kind="pt")
+    if suffix in (".ckpt", ".bin", ".pkl"):
         raise LatentFileError(p, "pickle-based files are never loaded (they can run code); use .safetensors")
     raise LatentFileError(p, f"unknown latents file type {suffix or '(none)'} (use {', '.join(SUFFIXES)})")
 
