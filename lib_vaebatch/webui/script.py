@@ -123,7 +123,8 @@ class VaeBatchScript(scripts.Script):
         )
         job = T.Job(values=values, p=p, encode_init=encode_init)
         setattr(p, JOB_ATTR, job)
-        p.extra_generation_params[A.TITLE] = "on"
+        # The "VAE Batch" entry itself is written by the engine's final decode (Job.decode), so an
+        # image carries it only when the engine really decoded it.
         p.extra_generation_params.update(A.infotext_options(values))
         T.wrap_method(p, "sample", T.DECODE, job)
         if encode_init:
@@ -153,6 +154,7 @@ class VaeBatchScript(scripts.Script):
             images = job.decode(p.sd_model, samples, final=True)
         except T.InputError as exc:
             T.say(f"{exc}; this decode is left to the webui")
+            p.extra_generation_params[A.TITLE] = "left to the webui"
             return
         ps.samples = processing.DecodedSamples(images)
 
