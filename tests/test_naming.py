@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import tempfile
+from pathlib import Path
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib_vaebatch.naming import (
@@ -75,3 +78,91 @@ def test_over_long_names_are_cut_to_the_file_system_limit(tmp_path):
     with SequentialNamer(tmp_path).create("é" * 400, ".png") as (path, fh):
         fh.write(b"x")
     assert len(path.name.encode()) <= 255 and path.exists()
+
+
+def test_sequence_numbers_are_read_as_the_webui_reads_them(tmp_path):
+    for existing in ("00003.png", "00002-x.png", "notes.txt", "12a-x.png", "img-0040-x.png"):
+        (tmp_path / existing).write_bytes(b"x")
+    assert next_sequence_number(tmp_path) == 4  # "00003.png" counts too, "12a" does not
+    assert next_sequence_number(tmp_path, basename="img") == 41
+    assert next_sequence_number(tmp_path / "missing") == 0
+
+
+HOSTILE = [
+    "../../../etc/passwd",
+    "/absolute/path",
+    "..\\..\\windows\\system32",
+    "..",
+    ".",
+    "CON",
+    "NUL.txt",
+    "com1",
+    "a\x00b\x01c\x1b[31m\x7f",
+    "\ud800 lone surrogate",
+    "trailing dots and spaces. . .",
+    "x" * 5000,
+    "狐" * 400,
+    "🦊" * 300,
+]
+
+
+@pytest.mark.parametrize("prompt", HOSTILE)
+@pytest.mark.parametrize(
+    "pattern", ["[prompt]", "[prompt_spaces]-[seed]", "../[prompt_words]/..", "[prompt]\\.."]
+)
+def test_hostile_prompts_and_patterns_stay_in_the_folder(tmp_path, prompt, pattern):
+    out = tmp_path / "out"
+    deco = apply_pattern(pattern, standard_tokens({"prompt": prompt, "seed": 1}))
+    assert not any(c in deco for c in "/\\\x00\n") and deco not in (".", "..")
+    with SequentialNamer(out).create(deco, ".png") as (path, fh):
+        fh.write(b"x")
+    assert path.parent == out and path.name[:5].isdigit() and len(path.name.encode()) <= 255
+    assert os.listdir(out) == [path.name] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+_TOKEN_NAMES = ["seed", "prompt", "PROMPT_spaces", "prompt_words", "datetime", "hasprompt", "denoising",
+                "prompt_hash", "image_hash", "scheduler", "batch_number", "nope", ""]  # fmt: skip
+_ARG = st.text(alphabet=st.characters(blacklist_characters="<>[]"), max_size=12)
+_TOKENS = st.builds(
+    lambda n, args: f"[{n}{''.join(f'<{a}>' for a in args)}]",
+    st.sampled_from(_TOKEN_NAMES),
+    st.lists(_ARG, max_size=3),
+)
+_PATTERNS = st.lists(st.one_of(st.text(max_size=10), _TOKENS), max_size=8).map("".join)
+_VALUES = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt": st.text(max_size=200),
+        "negative_prompt": st.text(max_size=50),
+        "seed": st.one_of(st.integers(), st.text(max_size=20)),
+        "sampler": st.text(max_size=20),
+        "scheduler": st.sampled_from(["Automatic", "Karras", "x/y"]),
+        "denoising": st.one_of(st.floats(allow_nan=True), st.text(max_size=5)),
+        "batch_size": st.integers(0, 4),
+        "batch_index": st.integers(0, 3),
+        "styles": st.lists(st.text(max_size=10), max_size=3),
+        "vae_filename": st.text(max_size=30),
+        "user": st.text(max_size=30),
+    },
+)
+
+
+@given(_PATTERNS, _VALUES)
+def test_the_pattern_engine_never_raises_or_makes_a_path(pattern, values):
+    deco = apply_pattern(pattern, standard_tokens(values))
+    assert not any(c in deco for c in '/\\:*?"<>|#') and deco not in (".", "..")
+    assert all(ord(c) >= 32 and ord(c) != 127 and not 0xD800 <= ord(c) < 0xE000 for c in deco)
+    assert deco == deco.lstrip(" ").rstrip(" .")
+
+
+@settings(max_examples=40, deadline=None)
+@given(_PATTERNS, st.text(max_size=300))
+def test_any_pattern_and_prompt_make_one_file_in_the_folder(pattern, prompt):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        deco = apply_pattern(pattern, standard_tokens({"prompt": prompt}))
+        with SequentialNamer(root / "o").create(deco, ".png") as (path, fh):
+            fh.write(b"x")
+        assert (
+            path.parent == root / "o" and os.listdir(root) == ["o"] and os.listdir(root / "o") == [path.name]
+        )
