@@ -19,10 +19,10 @@ from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
 from lib_vaebatch.engine.runner import CancelFn, ProgressFn
 from lib_vaebatch.families import Family, to_raw
-from lib_vaebatch.images import tensor_to_image
 from lib_vaebatch.latents import LatentBatch, LatentFileError, read_latents, write_comfy_latent, write_latents
 from lib_vaebatch.naming import SequentialNamer, apply_pattern, standard_tokens
-from lib_vaebatch.saving import normalize_format, save_image
+from lib_vaebatch.saving import normalize_format
+from lib_vaebatch.writer import ImageWriter, SaveFn, WriteResult, folder_saver, in_order
 
 log = logging.getLogger("vaebatch")
 
@@ -55,6 +55,18 @@ class SavedImage:
     path: Path
     index: int
     infotext: str
+    image: Image.Image | None = None  # with ``keep_images``
+
+
+@dataclass
+class FailedSave:
+    """An image that was decoded but could not be written: the picture is kept here."""
+
+    index: int
+    message: str  # names the latents file, the sample and the target file
+    infotext: str
+    image: Image.Image | None
+    sample: torch.Tensor | None = None  # only when not even the image could be made
 
 
 @dataclass
@@ -65,6 +77,7 @@ class DecodedFile:
     result: BatchResult
     saved: list[SavedImage] = field(default_factory=list)
     save_errors: list[str] = field(default_factory=list)
+    failed_saves: list[FailedSave] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +96,10 @@ class DecodeJob:
     @property
     def save_errors(self) -> list[str]:
         return [e for f in self.files for e in f.save_errors]
+
+    @property
+    def failed_saves(self) -> list[FailedSave]:
+        return [s for f in self.files for s in f.failed_saves]
 
     @property
     def ok(self) -> bool:
@@ -114,17 +131,16 @@ def decode_infotext(
     return infotext.with_params(base, params)
 
 
-def _decoration(
-    pattern: str | None, batch: LatentBatch, index: int, backend: VAEBackend, family: Family, text: str
-) -> str:
+def _token_values(
+    batch: LatentBatch, index: int, backend: VAEBackend, family: Family, text: str
+) -> dict[str, object]:
+    """What file-name tokens can use for one image (ours, and a host's own save function)."""
     stem = Path(batch.path).stem if batch.path else "latents"
     source = Path(batch.sources[index]).stem if batch.sources and batch.sources[index] else stem
-    if not pattern:
-        return apply_pattern("[stem]-[index]", {"stem": stem, "index": str(index)})
     info = infotext.parse(text)
     h, w = batch.latents.shape[-2:]
     p = info.params
-    values = {
+    return {
         "prompt": info.prompt,
         "negative_prompt": info.negative_prompt,
         "seed": p.get("Seed"),
@@ -145,6 +161,13 @@ def _decoration(
         "family": family.name,
         "vae_filename": backend.name,
     }
+
+
+def _decoration(pattern: str | None, values: dict[str, object]) -> str:
+    """``pattern`` applied to the image's values; our ``<stem>-<index>`` when there is no pattern,
+    or when the image has no seed of its own (the webui drops the pattern without a seed too)."""
+    if not pattern or values.get("seed") in (None, ""):
+        return apply_pattern("[stem]-[index]", {"stem": str(values["stem"]), "index": str(values["index"])})
     return apply_pattern(pattern, standard_tokens(values))
 
 
@@ -159,75 +182,112 @@ def decode_to_folder(
     quality: int = 95,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    writers: int | None = None,
+    max_pending: int | None = None,
+    keep_images: bool = False,
+    save_fn: SaveFn | None = None,
 ) -> DecodeJob:
     """Decode each batch and save every good image as soon as it exists, named
-    ``NNNNN-<stem>-<index>.<fmt>`` (or by ``pattern``) directly in ``out_dir``, never overwriting."""
+    ``NNNNN-<stem>-<index>.<fmt>`` (or by ``pattern``) directly in ``out_dir``, never overwriting.
+
+    Images are converted, encoded and written by ``writers`` background threads (default: up to
+    two; 0 writes in this thread) while the next chunk decodes, with at most ``max_pending``
+    images waiting (default: twice the writers), so memory stays flat. File numbers follow the
+    decode order. A failed write is reported in ``save_errors`` and ``failed_saves`` (which keep
+    the image); with ``keep_images`` every saved image is returned too. ``save_fn`` replaces our
+    own save (a host's, e.g. the webui's): it gets a :class:`~lib_vaebatch.writer.WriteJob`
+    (``image``, ``infotext``, ``values``, ``decoration``, ``fmt``) and is called in decode
+    order, one image at a time, still overlapping the decode."""
     fmt = normalize_format(fmt)
-    namer = SequentialNamer(out_dir)
+    save = folder_saver(SequentialNamer(out_dir), quality=quality) if save_fn is None else in_order(save_fn)
     total = sum(len(b) for b in batches)
     offset = 0
     files: list[DecodedFile] = []
     cancelled = False
-    for batch in batches:
-        if cancel is not None and cancel():
-            cancelled = True
-            break
-        backend = backend_for(batch.resolve_family())
-        family = batch.resolve_family(backend.family)
-        if family.name != backend.family.name and not ({family.name, backend.family.name} <= {"sd1", "sd2"}):
-            log.warning(
-                "%s: latents are %s but the VAE is %s; decoding anyway",
-                batch.path,
-                family.name,
-                backend.family.name,
-            )
-        scale, shift = batch.scaling(family)
-        entry = DecodedFile(batch, family, backend.display_name, BatchResult([], []))
-
-        def save(
-            i: int,
-            sample: torch.Tensor,
-            report: SampleReport,
-            entry: DecodedFile = entry,
-            batch: LatentBatch = batch,
-            backend: VAEBackend = backend,
-            family: Family = family,
-        ) -> None:
-            text = decode_infotext(batch, i, backend, family, report)
-            deco = _decoration(pattern, batch, i, backend, family, text)
-            try:
-                path = save_image(
-                    tensor_to_image(sample), namer, deco, fmt=fmt, infotext=text, quality=quality
+    writer = ImageWriter(save, workers=writers, max_pending=max_pending, keep_images=keep_images)
+    try:
+        for batch in batches:
+            if cancel is not None and cancel():
+                cancelled = True
+                break
+            backend = backend_for(batch.resolve_family())
+            family = batch.resolve_family(backend.family)
+            if family.name != backend.family.name and not (
+                {family.name, backend.family.name} <= {"sd1", "sd2"}
+            ):
+                log.warning(
+                    "%s: latents are %s but the VAE is %s; decoding anyway",
+                    batch.path,
+                    family.name,
+                    backend.family.name,
                 )
-            except OSError as exc:
-                entry.save_errors.append(f"{batch.path}: sample {i}: could not save ({exc.strerror or exc})")
-                return
-            entry.saved.append(SavedImage(path, i, text))
+            scale, shift = batch.scaling(family)
+            entry = DecodedFile(batch, family, backend.display_name, BatchResult([], []))
+            files.append(entry)
 
-        base = offset
+            def submit(
+                i: int,
+                sample: torch.Tensor,
+                report: SampleReport,
+                slot: int = len(files) - 1,
+                batch: LatentBatch = batch,
+                backend: VAEBackend = backend,
+                family: Family = family,
+            ) -> None:
+                text = decode_infotext(batch, i, backend, family, report)
+                values = _token_values(batch, i, backend, family, text)
+                if sample.device.type != "cpu":
+                    sample = sample.cpu()  # free the VAE's memory for the next chunk now
+                writer.submit(
+                    sample,
+                    _decoration(pattern, values),
+                    infotext=text,
+                    fmt=fmt,
+                    values=values,
+                    label=f"{batch.path or '<latents>'}: sample {i}",
+                    key=(slot, i),
+                )
 
-        def file_progress(done: int, _total: int, _text: str, base: int = base) -> None:
-            if progress is not None:
-                progress(base + done, total, f"decode {base + done}/{total}")
+            base = offset
 
-        entry.result = decode_latents(
-            backend,
-            batch.latents,
-            scaled=batch.scaled,
-            scaling_factor=scale if batch.scaled else None,
-            shift_factor=shift if batch.scaled else None,
-            options=options,
-            progress=file_progress,
-            cancel=cancel,
-            on_sample=save,
-            keep_outputs=False,
-        )
-        files.append(entry)
-        offset += len(batch)
-        if entry.result.cancelled:
-            cancelled = True
-            break
+            def file_progress(done: int, _total: int, _text: str, base: int = base) -> None:
+                if progress is not None:
+                    progress(base + done, total, f"decode {base + done}/{total}")
+
+            entry.result = decode_latents(
+                backend,
+                batch.latents,
+                scaled=batch.scaled,
+                scaling_factor=scale if batch.scaled else None,
+                shift_factor=shift if batch.scaled else None,
+                options=options,
+                progress=file_progress,
+                cancel=cancel,
+                on_sample=submit,
+                keep_outputs=False,
+            )
+            offset += len(batch)
+            if entry.result.cancelled:
+                cancelled = True
+                break
+    finally:
+        # Even when cancelled (or failing), every image already decoded is written.
+        results = writer.close(strict=False)
+    _collect(files, results)
     return DecodeJob(files, cancelled)
+
+
+def _collect(files: list[DecodedFile], results: list[WriteResult]) -> None:
+    for r in results:
+        slot, index = r.key
+        entry = files[slot]
+        if r.ok and r.path is not None:
+            entry.saved.append(SavedImage(r.path, index, r.infotext or "", r.image))
+        elif r.ok:  # a host's save that keeps the path to itself
+            log.debug("%s: saved by the host", r.label)
+        else:
+            entry.save_errors.append(r.error or f"{r.label}: could not save")
+            entry.failed_saves.append(FailedSave(index, r.error or "", r.infotext or "", r.image, r.sample))
 
 
 # -- encode ------------------------------------------------------------------------------------
