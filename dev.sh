@@ -7,6 +7,7 @@
 #   ./dev.sh bench [ARGS]    run the decode throughput benchmark (bench/bench_decode.py ARGS)
 #   ./dev.sh py ARGS         run the venv's python (e.g. ./dev.sh py -m lib_vaebatch --help)
 #   ./dev.sh setup           only create/refresh the environment
+#   ./dev.sh setup-gradio4   also create .venv-gradio4 (gradio 4.40, Forge's UI stack) for its tests
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,9 +39,21 @@ setup() {
     echo "$want" >"$stamp"
 }
 
+setup_gradio4() {
+    local venv=.venv-gradio4 c=requirements/constraints-gradio4.txt want
+    want=$(sha256sum "$c" | cut -c1-16)
+    if [ -f "$venv/.vaebatch-stamp" ] && [ "$(cat "$venv/.vaebatch-stamp")" = "$want" ]; then return 0; fi
+    [ -x "$venv/bin/python" ] || "$(pick_python)" -m venv "$venv"
+    echo "[dev.sh] installing gradio 4.40 into $venv" >&2
+    PIP_CONSTRAINT="$PWD/$c" "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        torch gradio numpy pillow piexif safetensors
+    echo "$want" >"$venv/.vaebatch-stamp"
+}
+
 cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup ;;
+    setup-gradio4) setup_gradio4 ;;
     demo) setup; exec "$VENV/bin/python" -m lib_vaebatch demo "$@" ;;
     test)
         setup
@@ -50,5 +63,5 @@ case "$cmd" in
         ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
     py) setup; exec "$VENV/bin/python" "$@" ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

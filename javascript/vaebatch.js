@@ -32,6 +32,19 @@
         }
     };
 
+    // Latent Batch tab: the webui's own progress bar and task id (as txt2img's submit does).
+    ns.submit = function (kind, args) {
+        var res = Array.prototype.slice.call(args);
+        if (typeof randomId === "function" && typeof requestProgress === "function") {
+            var id = randomId();
+            var app = gradioApp();
+            // no gallery: there are no live previews to show while decoding
+            requestProgress(id, app.getElementById("vaebatch_lb_" + kind + "_progress"), null, function () {});
+            res[0] = id;
+        }
+        return res;
+    };
+
     if (typeof onUiLoaded === "function") {
         onUiLoaded(function () {
             ns.applyHints();

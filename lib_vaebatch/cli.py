@@ -181,6 +181,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="sd1", help="family of the approximate VAE (default sd1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     _verbose(demo)
+
+    srv = sub.add_parser("serve", help="serve the Latent Batch app (web UI and HTTP API)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    srv.add_argument(
+        "--vae",
+        default="approx",
+        metavar="approx|PATH",
+        help="default VAE: 'approx' (built-in) or a file/folder",
+    )
+    srv.add_argument("--vae-dir", metavar="DIR", help="a folder of VAE files offered in the VAE list")
+    srv.add_argument("--family", help="model family of the built-in VAE (default: from the latents)")
+    srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    srv.add_argument(
+        "-o",
+        "--output-dir",
+        default="outputs/latent-batch",
+        help="where encoded latents and decoded images go (default outputs/latent-batch)",
+    )
+    srv.add_argument(
+        "--hide-ui-dir-config",
+        action="store_true",
+        help="no server-side input folders in the UI (as the webui's flag of the same name)",
+    )
+    srv.add_argument(
+        "--api-auth",
+        metavar="USER:PASS[,USER:PASS]",
+        help="require HTTP Basic credentials on the API routes (as the webui's --api-auth)",
+    )
+    srv.add_argument(
+        "--api-max-mb", type=float, default=64, help="largest API request body in MiB (default 64)"
+    )
+    _verbose(srv)
     return parser
 
 
@@ -381,6 +414,30 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return EXIT_OK if job.ok else EXIT_FAILED
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lib_vaebatch.ui.serve import serve
+        from lib_vaebatch.ui.standalone import StandaloneHost
+    except ImportError as exc:
+        raise CliError(
+            f"serve needs gradio and fastapi ({exc}); pip install 'sd-webui-vae-batch[ui]'"
+        ) from None
+    if args.vae_dir and not Path(args.vae_dir).is_dir():
+        raise CliError(f"--vae-dir {args.vae_dir}: not a folder")
+    host = StandaloneHost(
+        args.vae,
+        args.vae_dir,
+        args.output_dir,
+        device=_device(args),
+        family=args.family,
+        hide_dirs=args.hide_ui_dir_config,
+    )
+    if args.api_max_mb <= 0:
+        raise CliError("--api-max-mb must be positive")
+    serve(host, args.host, args.port, api_auth=args.api_auth, max_bytes=int(args.api_max_mb * (1 << 20)))
+    return EXIT_OK
+
+
 def _device(args: argparse.Namespace) -> torch.device:
     from lib_vaebatch.engine.devices import resolve_device
 
@@ -399,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_encode(args)
         if args.command == "decode":
             return cmd_decode(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         from lib_vaebatch.demo import run_demo
 
         return run_demo(Path(args.output), family=args.family, progress=not args.no_progress)

@@ -128,6 +128,11 @@ ARGS: tuple[Arg, ...] = (
         "Also write this generation's final latents with their infotext (safetensors, our latents "
         "format) into a 'latents' folder beside the images, to decode again later in the Latent "
         "Batch tab."),
+    Arg("backend", "VAE", "choice", "webui",
+        "webui: the loaded checkpoint's VAE. remote: the Hybrid Inference endpoint set in Settings > "
+        "VAE Batch (e.g. another VAE Batch server's /vaebatch/v1/remote/decode); latents are sent "
+        "with the model's scaling, images come back for the same checks and recovery.",
+        choices=("webui", "remote"), infotext="VAE Batch backend"),
 )  # fmt: skip
 
 BY_NAME: dict[str, Arg] = {a.name: a for a in ARGS}

@@ -48,7 +48,9 @@ def model_scaling(sd_model: Any, family: Family) -> tuple[float, float]:
 class WebuiVAE(VAEBackend):
     """``sd_model.first_stage_model`` behind the engine's VAE interface."""
 
-    def __init__(self, sd_model: Any) -> None:
+    def __init__(self, sd_model: Any, module: torch.nn.Module | None = None, name: str | None = None) -> None:
+        """``module``: a VAE of the same architecture that is not the model's own (a file chosen in
+        the Latent Batch tab, loaded into a copy); it is moved to the device by us, not lowvram."""
         from modules import devices
 
         fsm = getattr(sd_model, "first_stage_model", None)
@@ -57,10 +59,11 @@ class WebuiVAE(VAEBackend):
                 "this model has no first_stage_model (Forge keeps its VAE in forge_objects.vae)"
             )
         self.sd_model = sd_model
-        self.module: torch.nn.Module = fsm
+        self.detached = module is not None
+        self.module: torch.nn.Module = module if module is not None else fsm
         self.family = model_family(sd_model)
         self.family_source = "webui model"
-        self.name = "webui VAE"
+        self.name = name or "webui VAE"
         self._scale, self._shift = model_scaling(sd_model, self.family)
         self._device = torch.device(devices.device)
         self._programs: dict[str, Program] = {}
@@ -90,7 +93,7 @@ class WebuiVAE(VAEBackend):
 
     @property
     def lowvram(self) -> bool:
-        return bool(getattr(self.sd_model, "lowvram", False))
+        return not self.detached and bool(getattr(self.sd_model, "lowvram", False))
 
     def set_dtype(self, dtype: torch.dtype) -> None:
         self.module.to(dtype=dtype)
@@ -104,6 +107,11 @@ class WebuiVAE(VAEBackend):
     def ensure_on_device(self) -> None:
         """Before touching submodules directly (encode, tiles): under lowvram/medvram, move the VAE
         the way lowvram's own wrapper does, keeping its bookkeeping (module_in_gpu) in step."""
+        if self.detached:
+            p = next(self.module.parameters(), None)
+            if p is not None and p.device != self._device:
+                self.module.to(self._device)
+            return
         if not self.lowvram:
             return
         from modules import lowvram
@@ -114,6 +122,8 @@ class WebuiVAE(VAEBackend):
             lowvram.module_in_gpu = self.module
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.detached:
+            self.ensure_on_device()
         z = latents.to(self._device, self.dtype)
         with self._without_autocast():
             return self.module.decode(z)  # lowvram's wrapper (an instance attribute) runs here

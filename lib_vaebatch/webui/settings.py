@@ -30,6 +30,32 @@ def option_infos() -> list[tuple[str, Any]]:
         if arg in A.ARGS:
             info = info.needs_reload_ui()
         out.append((arg.setting_key, info))
+    from lib_vaebatch.webui.api import DEFAULT_MAX_MB, MAX_MB_KEY
+    from lib_vaebatch.webui.tab import DEFAULT_OUTDIR, OUTDIR_KEY
+
+    out.append(
+        (OUTDIR_KEY, shared.OptionInfo(DEFAULT_OUTDIR, "Latent Batch tab: output folder", section=A.SECTION))
+    )
+    from lib_vaebatch.webui.takeover import REMOTE_URL_KEY
+
+    out.append(
+        (
+            REMOTE_URL_KEY,
+            shared.OptionInfo(
+                "",
+                "Remote VAE endpoint (Hybrid Inference protocol; for the script's VAE = remote and the tab)",
+                section=A.SECTION,
+            ),
+        )
+    )
+    out.append(
+        (
+            MAX_MB_KEY,
+            shared.OptionInfo(
+                DEFAULT_MAX_MB, "HTTP API (/vaebatch/v1): largest request in MiB", section=A.SECTION
+            ),
+        )
+    )
     return out
 
 

@@ -25,6 +25,9 @@ from lib_vaebatch.engine.results import BatchResult, Status
 from lib_vaebatch.webui import args as A
 from lib_vaebatch.webui.backend import WebuiVAE
 
+#: Settings key of the remote VAE endpoint (script option "VAE" = remote, and the Latent Batch tab).
+REMOTE_URL_KEY = "vaebatch_remote_url"
+
 
 def say(message: str) -> None:
     """One console line, prefixed ``[VAE Batch]``."""
@@ -59,6 +62,24 @@ class Job:
     def nan_check(self) -> bool:
         return self.options().nan_check
 
+    def backend(self, sd_model: Any) -> tuple[Any, dict[str, float]]:
+        """The decode backend and the scaling to hand the engine: the webui VAE (its own scaling),
+        or the remote endpoint from Settings with the current model's scaling."""
+        if self.values.get("backend") != "remote":
+            return WebuiVAE(sd_model), {}
+        from modules import shared
+
+        from lib_vaebatch.backends.remote import RemoteVAE
+        from lib_vaebatch.webui.backend import model_family, model_scaling
+
+        url = str(shared.opts.data.get(REMOTE_URL_KEY) or "").strip()
+        if not url:
+            say("VAE = remote, but Settings > VAE Batch names no remote endpoint: using the webui VAE")
+            return WebuiVAE(sd_model), {}
+        family = model_family(sd_model)
+        scale, shift = model_scaling(sd_model, family)
+        return RemoteVAE(url, family=family), {"scaling_factor": scale, "shift_factor": shift}
+
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, sd_model: Any, latents: torch.Tensor, *, final: bool) -> list[torch.Tensor]:
         """Latents (sampler space) to CHW images in [-1, 1]. A ``final`` decode may stop early on
@@ -67,7 +88,7 @@ class Job:
         from modules import devices, shared
 
         state = shared.state
-        backend = WebuiVAE(sd_model)
+        backend, scaling = self.backend(sd_model)
         options = self.options()
         n = latents.shape[0]
         pressed = (bool(state.interrupted), bool(state.skipped))
@@ -83,7 +104,9 @@ class Job:
             state.textinfo = f"VAE Batch: decoding {done}/{total}"
 
         state.textinfo = f"VAE Batch: decoding 0/{n}"
-        result = decode_latents(backend, latents, options=options, progress=progress, cancel=cancel)
+        result = decode_latents(
+            backend, latents, options=options, progress=progress, cancel=cancel, **scaling
+        )
         self.results.append(result)
         if options.keep_recovered_dtype and backend.dtype != devices.dtype_vae:
             say(f"keeping the VAE in {dtype_name(backend.dtype)} as asked (devices.dtype_vae updated)")

@@ -152,7 +152,7 @@ def test_interrupt_during_the_decode_keeps_the_finished_images(webui):
 def test_infotext_options_and_paste_restore_the_values(webui):
     from lib_vaebatch.webui import args as A
 
-    values = [True, 2, True, "fp32", False, "cpu", "always", "fast", 16, False]
+    values = [True, 2, True, "fp32", False, "cpu", "always", "fast", 16, False, "webui"]
     _, res = webui.run(alwayson={"VAE Batch": {"args": values}}, batch_size=2)
     text = res.infotexts[0]
     for key in ("VAE Batch: ", "VAE Batch ladder: fp32", "VAE Batch tiling: always",
@@ -270,6 +270,30 @@ def test_save_latents_writes_the_final_latents_with_their_infotext(webui, tmp_pa
 
     again = decode_latents(WebuiVAE(webui.shared.sd_model), batch.latents)
     _close(torch.stack(again.outputs).add(1).div(2).clamp(0, 1), _stack(res))
+
+
+def test_remote_backend_decodes_through_a_real_endpoint(webui, tmp_path):
+    """VAE = remote: the latents go to a VAE Batch server on 127.0.0.1 (its built-in approximate
+    VAE here) with the model's scaling; the images are that server's decode."""
+    from lib_vaebatch.backends import ApproxVAE
+    from lib_vaebatch.engine.decode import decode_latents
+    from tests.ui.conftest import start_server, stop_server
+
+    (tmp_path / "srv").mkdir()
+    server = start_server(tmp_path / "srv", "--device", "cpu")
+    try:
+        webui.shared.opts.data["vaebatch_remote_url"] = server.url + "vaebatch/v1/remote/decode"
+        args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, True, "remote"]
+        _, res = webui.run(
+            alwayson={"VAE Batch": {"args": args}}, batch_size=2, outpath_samples=str(tmp_path / "out")
+        )
+    finally:
+        stop_server(server)
+    assert all("VAE Batch backend: remote" in t for t in res.infotexts)
+    batch = read_latents(next((tmp_path / "out" / "latents").iterdir()))
+    local = decode_latents(ApproxVAE("sd1"), batch.latents, scaling_factor=0.18215)
+    # the endpoint answers float16 in [-1, 1]
+    _close(torch.stack(local.outputs).add(1).div(2).clamp(0, 1), _stack(res), tol=2e-3)
 
 
 def test_xyz_axes_added_once_and_they_turn_the_option_on(webui):

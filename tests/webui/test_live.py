@@ -89,3 +89,50 @@ def test_unknown_script_title_is_a_422(api):
         timeout=120,
     )
     assert r.status_code == 422
+
+
+def test_latent_batch_tab_in_a_real_browser(tmp_path):
+    """The tab inside the real webui: encode an image carrying an infotext, download the latents,
+    decode them (saved by the webui's own save_image), and Send to img2img carries the prompt."""
+    from PIL import Image, PngImagePlugin
+
+    from tests.ui.test_browser import CHROMIUM, FLAGS, _browser_or_skip
+
+    sync_playwright = _browser_or_skip()
+    src = tmp_path / "fox.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red fox\nSteps: 3, Seed: 99, Size: 64x64")
+    Image.new("RGB", (64, 64), (200, 80, 30)).save(src, pnginfo=info)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200}, accept_downloads=True)
+            page.goto(URL + "/")
+            page.wait_for_selector("#tabs", timeout=120_000)
+            page.locator("#tabs > .tab-nav button", has_text="Latent Batch").click()
+            page.locator("#vaebatch_lb_encode_files input[type=file]").set_input_files([str(src)])
+            page.click("#vaebatch_lb_encode_run")
+            page.locator("#vaebatch_lb_encode_log li").first.wait_for(timeout=120_000)
+            assert "encoded 1/1" in page.inner_text("#vaebatch_lb_encode_log")
+            with page.expect_download() as dl:
+                page.locator("#vaebatch_lb_encode_output a[download]").first.click()
+            latents = tmp_path / dl.value.suggested_filename
+            dl.value.save_as(latents)
+
+            page.locator("#vaebatch_lb_tabs button", has_text="Decode").first.click()
+            page.locator("#vaebatch_lb_decode_files input[type=file]").set_input_files([str(latents)])
+            page.click("#vaebatch_lb_decode_run")
+            page.locator("#vaebatch_lb_decode_log li").first.wait_for(timeout=120_000)
+            assert "decoded and saved 1/1" in page.inner_text("#vaebatch_lb_decode_log")
+            thumbs = page.locator("#vaebatch_lb_decode_gallery .thumbnail-item")
+            assert thumbs.count() == 1 and "-99." in thumbs.first.inner_text()  # the webui's [seed] name
+            info_text = page.input_value("#vaebatch_lb_info textarea")
+            assert info_text.startswith("a red fox") and "VAE Batch: on" in info_text
+            thumbs.first.click()
+            page.locator("#vaebatch_lb_decode_tab button", has_text="img2img").first.click()
+            page.wait_for_function(
+                "() => document.querySelector('#img2img_prompt textarea').value === 'a red fox'",
+                timeout=30_000,
+            )
+        finally:
+            browser.close()

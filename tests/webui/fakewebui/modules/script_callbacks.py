@@ -71,3 +71,15 @@ def before_ui_callback():
 
 def script_unloaded_callback():
     _run("callbacks_script_unloaded", reverse=True)
+
+
+def ui_tabs_callback():
+    """Each callback returns None or a list of (blocks, title, elem_id) tuples (§3 on_ui_tabs)."""
+    res = []
+    for cb in callback_map["callbacks_ui_tabs"]:
+        res += cb.callback() or []
+    return res
+
+
+def app_started_callback(demo, app):
+    _run("callbacks_app_started", demo, app)

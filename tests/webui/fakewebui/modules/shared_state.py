@@ -12,6 +12,7 @@ class State:
         self.job, self.job_no, self.job_count = job, 0, -1
         self.sampling_step = self.sampling_steps = 0
         self.textinfo = None
+        self.job_timestamp = "20240101000000"
         self.textinfo_log: list[str] = []  # test instrumentation: every textinfo value set
 
     def __setattr__(self, key, value):

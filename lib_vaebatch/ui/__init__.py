@@ -1,0 +1,1 @@
+"""The "Latent Batch" Gradio UI, shared by the webui tab and the standalone ``serve`` app."""

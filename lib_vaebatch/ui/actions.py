@@ -1,0 +1,362 @@
+"""What the "Latent Batch" buttons do, free of gradio and of the webui: gather inputs (uploads and
+server-side folders), run the engine through a :class:`Host`, save, and describe the outcome.
+
+The webui tab, the standalone app and the HTTP API call these with their own host."""
+
+from __future__ import annotations
+
+import html
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lib_vaebatch.backends.base import VAEBackend
+from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.engine.encode import EncodeOptions
+from lib_vaebatch.engine.options import EngineOptions
+from lib_vaebatch.families import Family
+from lib_vaebatch.images import IMAGE_SUFFIXES, ImageInputError, parse_color
+from lib_vaebatch.latents import SUFFIXES as LATENT_SUFFIXES
+from lib_vaebatch.naming import next_sequence_number
+from lib_vaebatch.saving import read_infotext
+from lib_vaebatch.writer import SaveFn
+
+log = logging.getLogger("vaebatch")
+
+#: Latent file types the Decode side accepts (``.pt`` only through the loader that never runs code).
+DECODE_SUFFIXES = LATENT_SUFFIXES
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_FILES = 10_000
+
+
+class UserError(ValueError):
+    """Something the user can fix; shown as one line, never as a traceback."""
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class Reporter:
+    """How a job reports progress and learns it should stop (host-specific behind the scenes)."""
+
+    progress: ProgressFn | None = None
+    cancel: Callable[[], bool] | None = None
+
+    def __call__(self, done: int, total: int, text: str = "") -> None:
+        if self.progress is not None:
+            self.progress(done, total, text)
+
+    def cancelled(self) -> bool:
+        return bool(self.cancel and self.cancel())
+
+
+class Host(ABC):
+    """What differs between the webui and the standalone app."""
+
+    #: hide the server-side folder fields (the webui's --hide-ui-dir-config)
+    hide_dirs: bool = False
+    #: help under the VAE dropdown
+    vae_help: str = "The VAE that encodes and decodes"
+    #: a custom save (the webui's save_image), given a :class:`~lib_vaebatch.writer.WriteJob`;
+    #: None saves with our own namer and the request's ``pattern``
+    save_fn: SaveFn | None = None
+
+    @abstractmethod
+    def vae_labels(self) -> list[str]: ...
+
+    def refresh_vaes(self) -> list[str]:
+        return self.vae_labels()
+
+    @abstractmethod
+    def default_vae(self) -> str: ...
+
+    @abstractmethod
+    def backend(self, label: str, family: Family | None = None) -> VAEBackend:
+        """The backend for a dropdown label (``family``: what the latents say, for the built-in VAE)."""
+
+    @abstractmethod
+    def output_dir(self) -> Path: ...
+
+    def infotext_values(self) -> dict[str, Any]:
+        """Extra values for filename tokens (model name...)."""
+        return {}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def _folder_files(host: Host, folder: str, suffixes: Sequence[str], what: str) -> list[Path]:
+    folder = (folder or "").strip()
+    if not folder:
+        return []
+    if host.hide_dirs:
+        raise UserError("server-side folders are disabled on this server (--hide-ui-dir-config)")
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise UserError(f"input folder {folder!r} does not exist or is not a folder")
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+    if not files:
+        raise UserError(f"no {what} in {folder!r} (looked for {', '.join(suffixes)})")
+    return files
+
+
+def gather(host: Host, uploads: Sequence[str], folder: str, suffixes: Sequence[str], what: str) -> list[Path]:
+    paths = [Path(u) for u in uploads] + _folder_files(host, folder, suffixes, what)
+    if not paths:
+        raise UserError(f"no {what}: upload some, or name an input folder")
+    if len(paths) > MAX_FILES:
+        raise UserError(f"{len(paths)} files is more than the {MAX_FILES} one job takes")
+    return paths
+
+
+def _with_dtype(backend: VAEBackend, precision: str) -> Callable[[], None]:
+    """Switch ``backend`` to ``precision`` for one job; returns the undo."""
+    if not precision or precision == "auto":
+        return lambda: None
+    try:
+        dtype = parse_dtype(precision)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not backend.supports_dtype(dtype):
+        raise UserError(f"{precision} is not supported on {backend.device}")
+    before = backend.dtype
+    backend.set_dtype(dtype)
+    return lambda: backend.set_dtype(before)
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _log_html(lines: Sequence[tuple[str, str]]) -> str:
+    """``(kind, text)`` lines (kind: ok, warn, error) as the result box's HTML."""
+    items = "".join(f"<li class='vaebatch-{k}'>{_esc(t)}</li>" for k, t in lines)
+    return f"<ul class='vaebatch-log'>{items}</ul>"
+
+
+# -- encode -------------------------------------------------------------------------------------
+@dataclass
+class EncodeRequest:
+    uploads: list[str] = field(default_factory=list)
+    folder: str = ""
+    vae: str = ""
+    fit: str = "crop"
+    alpha: str = "composite"
+    background: str = "#ffffff"
+    sample: bool = False
+    seed: int = 0
+    precision: str = "auto"
+    comfy: bool = False
+    half: bool = False
+
+
+@dataclass
+class EncodeOutcome:
+    files: list[Path]
+    previews: list[tuple[str, str]]  # (image path, caption)
+    log_html: str
+    ok: bool
+    cancelled: bool = False
+
+
+def encode(host: Host, req: EncodeRequest, report: Reporter) -> EncodeOutcome:
+    from lib_vaebatch.jobs import encode_to_files
+
+    paths = gather(host, req.uploads, req.folder, IMAGE_SUFFIXES, "images")
+    try:
+        parse_color(req.background)
+        eo = EncodeOptions(
+            fit=req.fit, alpha=req.alpha, background=req.background, sample=req.sample, seed=int(req.seed)
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    backend = host.backend(req.vae or host.default_vae())
+    parameters = [read_infotext_quiet(p) or "" for p in paths]
+    out_dir = host.output_dir() / "latents"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{next_sequence_number(out_dir):05}-latents.safetensors"
+    undo = _with_dtype(backend, req.precision)
+    try:
+        job = encode_to_files(
+            backend,
+            paths,
+            target,
+            encode_options=eo,
+            parameters=parameters,
+            comfy=req.comfy,
+            half=req.half,
+            progress=report,
+            cancel=report.cancelled,
+        )
+    except ImageInputError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        undo()
+    lines: list[tuple[str, str]] = []
+    done = sum(r.done for r in job.result.reports)
+    lines.append(("ok", f"encoded {done}/{len(paths)} image(s) with {backend.display_name}"))
+    lines += [("ok", f"wrote {p.name}") for p in job.written]
+    for rep in job.result.reports:
+        if not rep.done:
+            lines.append(("error", f"{paths[rep.index].name}: {rep.status.value}: {rep.message}"))
+    if job.result.cancelled:
+        lines.append(("warn", "interrupted: the images encoded so far are in the files above"))
+    names = {rep.index for rep in job.result.reports if rep.done}
+    previews = [(str(p), p.name) for i, p in enumerate(paths) if i in names]
+    return EncodeOutcome(list(job.written), previews, _log_html(lines), job.ok, job.result.cancelled)
+
+
+def read_infotext_quiet(path: Path) -> str | None:
+    """The infotext an input image carries (webui PNG/JPEG/WebP), or None."""
+    try:
+        return read_infotext(path)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None  # the encode itself reports an unreadable image, with its name
+
+
+# -- decode -------------------------------------------------------------------------------------
+@dataclass
+class DecodeRequest:
+    uploads: list[str] = field(default_factory=list)
+    folder: str = ""
+    vae: str = ""
+    fmt: str = "png"
+    pattern: str = ""
+    precision: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeOutcome:
+    images: list[tuple[str, str]]  # (saved path, caption)
+    infotexts: list[str]
+    log_html: str
+    ok: bool
+    cancelled: bool = False
+
+
+_BOOL_OPTIONS = ("nan_check", "keep_recovered_dtype", "escalate_remaining", "calibrate")
+_STR_OPTIONS = ("chunk_mode", "offload", "output_dtype", "tiling", "tile_mode")
+_COUNT_OPTIONS = ("max_chunk", "tile_size", "memory_budget")  # positive integers or None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def checked_engine_options(values: dict[str, Any] | None) -> EngineOptions:
+    """:meth:`EngineOptions.from_mapping` with the types checked first, so a value of the wrong type
+    (``"no"`` for a flag, a string budget) is refused here instead of being taken as truthy or
+    failing mid-job, and ``offload`` names a device that exists. ValueError names the option."""
+    values = dict(values or {})
+    for name, value in values.items():
+        if value is None and name in (*_COUNT_OPTIONS, "ladder"):
+            continue
+        if name in _BOOL_OPTIONS and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {_show(value)}")
+        if name in _STR_OPTIONS and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, not {_show(value)}")
+        if name in _COUNT_OPTIONS and not (_is_int(value) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, not {_show(value)}")
+        if name == "memory_fraction" and not (
+            (_is_int(value) or isinstance(value, float)) and 0.05 <= value <= 1.0
+        ):
+            raise ValueError(f"memory_fraction must be a number within 0.05..1, not {_show(value)}")
+        if name == "ladder" and not (
+            isinstance(value, str)
+            or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        ):
+            raise ValueError(f"ladder must be a list of dtype names (fp16, bf16, fp32), not {_show(value)}")
+    try:
+        options = EngineOptions.from_mapping(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    _check_offload(options.offload)
+    return options
+
+
+def _check_offload(offload: str) -> None:
+    if offload in ("cpu", "device"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(offload)
+    except RuntimeError:
+        raise ValueError(f"offload must be 'cpu', 'device' or a device name, not {offload!r}") from None
+    usable = (
+        dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    ) or (dev.type == "mps" and torch.backends.mps.is_available())
+    if not usable:
+        raise ValueError(f"offload device {offload!r} is not available here")
+
+
+def engine_options(values: dict[str, Any]) -> EngineOptions:
+    try:
+        return checked_engine_options(values)
+    except ValueError as exc:
+        raise UserError(f"engine options: {exc}") from None
+
+
+def decode(host: Host, req: DecodeRequest, report: Reporter) -> DecodeOutcome:
+    from lib_vaebatch.jobs import decode_to_folder, load_latent_files
+
+    paths = gather(host, req.uploads, req.folder, DECODE_SUFFIXES, "latent files")
+    options = engine_options(req.options)
+    label = req.vae or host.default_vae()
+    first = host.backend(label)
+    batches, errors = load_latent_files(paths, first.latent_channels)
+    lines: list[tuple[str, str]] = [("error", str(e)) for e in errors]
+    if not batches:
+        raise UserError("; ".join(str(e) for e in errors) or "nothing to decode")
+    backends: dict[str, VAEBackend] = {}
+    undos: list[Callable[[], None]] = []
+
+    def backend_for(family: Family) -> VAEBackend:
+        if family.name not in backends:
+            b = host.backend(label, family)
+            if all(b is not o for o in backends.values()):
+                undos.append(_with_dtype(b, req.precision))
+            backends[family.name] = b
+        return backends[family.name]
+
+    try:
+        job = decode_to_folder(
+            batches,
+            host.output_dir() / "images",
+            backend_for,
+            options=options,
+            pattern=req.pattern or None,
+            fmt=req.fmt,
+            progress=report,
+            cancel=report.cancelled,
+            save_fn=host.save_fn,
+        )
+    finally:
+        for undo in reversed(undos):
+            undo()
+    total = sum(len(b) for b in batches)
+    lines.insert(0, ("ok", f"decoded and saved {len(job.saved)}/{total} image(s)"))
+    for path, rep in job.failures:
+        if rep.status.value == "failed":
+            lines.append(("error", f"{Path(path).name}: sample {rep.index} failed: {rep.message}"))
+    lines += [("error", e) for e in job.save_errors]
+    if job.cancelled:
+        lines.append(("warn", f"interrupted: {total - len(job.saved)} sample(s) not decoded"))
+    for f in job.files:
+        for r in f.result.reports:
+            if r.status.value == "recovered":
+                lines.append(("warn", f"{Path(f.batch.path).name} #{r.index}: recovered in {r.dtype}"))
+    images = [(str(s.path), f"{s.path.name}") for s in job.saved]
+    infotexts = [s.infotext for s in job.saved]
+    ok = job.ok and not errors
+    return DecodeOutcome(images, infotexts, _log_html(lines), ok, job.cancelled)
