@@ -136,3 +136,48 @@ def test_latent_batch_tab_in_a_real_browser(tmp_path):
             )
         finally:
             browser.close()
+
+
+def test_vaebatch_api_routes_in_the_webui(api):
+    import base64
+
+    import torch
+
+    info = api.session.get(f"{URL}/vaebatch/v1/info", timeout=60).json()
+    assert info["vae"] == "Automatic" and info["family"] in ("sd1", "sd2", "sdxl", "sd3")
+    t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    payload = {"tensor": base64.b64encode(t.numpy().tobytes()).decode(), "shape": [2, 4, 8, 8]}
+    r = api.session.post(f"{URL}/vaebatch/v1/decode", json=payload, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["status"] for x in body["results"]] == ["ok", "ok"] and len(body["images"]) == 2
+    bad = api.session.post(f"{URL}/vaebatch/v1/decode", json={"tensor": "AAAA", "shape": [1, 4, 8, 8]})
+    assert bad.status_code == 422 and "do not match" in bad.json()["error"]
+
+
+def test_remote_vae_backend_in_a_real_generation(api, tmp_path):
+    """The script's VAE = remote, pointed at a standalone VAE Batch server on 127.0.0.1 (not at the
+    webui itself: its queue lock is held by the generation)."""
+    from tests.ui.conftest import start_server, stop_server
+
+    server = start_server(tmp_path, "--device", "cpu")
+    key = "vaebatch_remote_url"
+    before = api.session.get(f"{URL}/sdapi/v1/options", timeout=60).json().get(key, "")
+    try:
+        r = api.session.post(
+            f"{URL}/sdapi/v1/options", json={key: server.url + "vaebatch/v1/remote/decode"}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, False, "remote"]
+        result = _txt2img(api, {"VAE Batch": {"args": args}})
+        texts = _infotexts(result)
+        assert len(result.images) == 2 and all("VAE Batch backend: remote" in t for t in texts), texts
+        local = _txt2img(api, ON)  # same seed, the checkpoint's own VAE
+    finally:
+        api.session.post(f"{URL}/sdapi/v1/options", json={key: before}, timeout=60)
+        stop_server(server)
+    import numpy as np
+
+    # the server decodes with its built-in approximate VAE, not the checkpoint's: other pixels
+    for a, b in zip(result.images, local.images, strict=True):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() > 5
