@@ -29,6 +29,17 @@ from lib_vaebatch.webui.backend import WebuiVAE
 REMOTE_URL_KEY = "vaebatch_remote_url"
 
 
+def points_at_this_webui(url: str, cmd_opts: Any) -> bool:
+    """Whether ``url`` is this webui's own server (its port on a local name)."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    own_port = int(getattr(cmd_opts, "port", None) or 7860)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    local = {"127.0.0.1", "localhost", "0.0.0.0", "::1", str(getattr(cmd_opts, "server_name", "") or "")}
+    return port == own_port and (parts.hostname or "") in local
+
+
 def say(message: str) -> None:
     """One console line, prefixed ``[VAE Batch]``."""
     print(f"{A.LOG_PREFIX} {message}", flush=True)
@@ -75,6 +86,12 @@ class Job:
         url = str(shared.opts.data.get(REMOTE_URL_KEY) or "").strip()
         if not url:
             say("VAE = remote, but Settings > VAE Batch names no remote endpoint: using the webui VAE")
+            return WebuiVAE(sd_model), {}
+        if points_at_this_webui(url, shared.cmd_opts):
+            say(
+                "the remote endpoint is this webui itself, whose queue lock this generation holds: "
+                "using the webui VAE"
+            )
             return WebuiVAE(sd_model), {}
         family = model_family(sd_model)
         scale, shift = model_scaling(sd_model, family)

@@ -296,6 +296,15 @@ def test_remote_backend_decodes_through_a_real_endpoint(webui, tmp_path):
     _close(torch.stack(local.outputs).add(1).div(2).clamp(0, 1), _stack(res), tol=2e-3)
 
 
+def test_remote_endpoint_on_this_webui_itself_is_refused(webui, capsys):
+    webui.shared.cmd_opts.port = None  # the default 7860
+    webui.shared.opts.data["vaebatch_remote_url"] = "http://127.0.0.1:7860/vaebatch/v1/remote/decode"
+    args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, False, "remote"]
+    _, res = webui.run(alwayson={"VAE Batch": {"args": args}}, batch_size=1)
+    assert "is this webui itself" in capsys.readouterr().out
+    assert len(res.images) == 1 and "VAE Batch: on" in res.infotexts[0]
+
+
 def test_xyz_axes_added_once_and_they_turn_the_option_on(webui):
     import types
 

@@ -22,7 +22,7 @@ DEFAULT_OPTS = {
 def fresh_cmd_opts() -> argparse.Namespace:
     return argparse.Namespace(
         disable_nan_check=False, no_half=False, no_half_vae=False, lowvram=False, medvram=False,
-        medvram_sdxl=False, upcast_sampling=False, api_auth=None, hide_ui_dir_config=False,
+        medvram_sdxl=False, upcast_sampling=False, api_auth=None, hide_ui_dir_config=False, port=None, server_name=None,
     )  # fmt: skip
 
 
