@@ -7,7 +7,7 @@ import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,36 @@ class PreparedImage:
         return int(self.pixels.shape[2]), int(self.pixels.shape[1])
 
 
+def declared_webp_size(head: bytes) -> tuple[int, int] | None:
+    """The canvas size a WebP file's first 30 bytes declare (None: not a WebP header).
+
+    Pillow's WebP plugin allocates the whole canvas while *opening* the file, before its
+    decompression-bomb check, so a few bytes declaring 16M x 16M exhaust memory; callers check
+    this size first."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    kind = head[12:16]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if kind == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 ":
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
+
+
+def check_declared_size(fp: BinaryIO, name: str, max_pixels: int) -> None:
+    """Refuse a file whose header declares more than ``max_pixels`` where opening it would
+    allocate that much (WebP); ``fp`` is left where it was."""
+    pos = fp.tell()
+    head = fp.read(30)
+    fp.seek(pos)
+    size = declared_webp_size(head)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageInputError(f"{name}: {size[0]}x{size[1]} is larger than the {max_pixels}-pixel limit")
+
+
 def open_image(
     source: str | Path | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
@@ -48,6 +78,7 @@ def open_image(
         raise ImageInputError(f"{name}: cannot read ({exc.strerror or exc})") from None
     with fp:
         try:
+            check_declared_size(fp, name, max_pixels)
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:

@@ -23,9 +23,11 @@ subset of pickle opcodes itself and never unpickles. ``.ckpt``, ``.bin`` and ``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -224,7 +226,7 @@ def _read_safetensors(path: Path) -> LatentBatch:
             found = ", ".join(sorted(infos)[:5]) or "none"
             raise LatentFileError(path, f"no '{TENSOR}' tensor (found: {found})")
     info = infos[name]
-    elements = int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1
+    elements = math.prod(info.shape)  # exact: numpy's int64 would overflow on absurd shapes
     if elements > MAX_LATENT_ELEMENTS:
         raise LatentFileError(path, f"tensor {name!r} declares {list(info.shape)}: too large to be latents")
     if info.dtype not in ("F32", "F16", "BF16", "F64"):
@@ -267,13 +269,17 @@ def _read_npy(path: Path) -> LatentBatch:
                 shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
         if dtype.hasobject:
             raise LatentFileError(path, "object arrays (pickle) are never loaded")
-        if int(np.prod(shape, dtype=np.int64)) > MAX_LATENT_ELEMENTS:
+        if math.prod(shape) > MAX_LATENT_ELEMENTS:
             raise LatentFileError(path, f"array declares {list(shape)}: too large to be latents")
         arr = np.load(path, allow_pickle=False)
     except LatentFileError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise LatentFileError(path, f"not a readable .npy file ({exc})") from None
+    # numpy parses the header as Python literals: a damaged one raises tokenizer and syntax
+    # errors too, and absurd dimensions overflow.
+    except (OSError, ValueError, EOFError, SyntaxError, TokenError, TypeError, OverflowError,
+            RecursionError, MemoryError) as exc:  # fmt: skip
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LatentFileError(path, f"not a readable .npy file ({why})") from None
     if arr.ndim == 3:
         arr = arr[None]
     if not np.issubdtype(arr.dtype, np.floating):

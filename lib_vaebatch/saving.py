@@ -149,19 +149,63 @@ def save_image(
     return path
 
 
+_EXIF_IFD_POINTER = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def _user_comment_bytes(data: bytes) -> bytes | None:
+    """The raw UserComment of EXIF bytes (TIFF, ``Exif\\0\\0`` + TIFF, or a JPEG holding them), read
+    with every offset and count checked against the data. piexif's ``load`` trusts the counts: a
+    damaged count of 2**32 makes it build a format string of that length (MemoryError after
+    minutes, gigabytes of memory)."""
+    if data.startswith(b"\xff\xd8"):
+        at = data.find(b"Exif\x00\x00")
+        if at < 0:
+            return None
+        data = data[at:]
+    if data.startswith(b"Exif"):
+        data = data[6:]
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return None
+
+    def entries(offset: int) -> dict[int, tuple[int, int, int]]:
+        if offset + 2 > len(data):
+            return {}
+        (n,) = struct.unpack_from(order + "H", data, offset)
+        found = {}
+        for i in range(n):
+            at = offset + 2 + 12 * i
+            if at + 12 > len(data):
+                break
+            tag, kind, count = struct.unpack_from(order + "HHL", data, at)
+            found[tag] = (kind, count, at + 8)
+        return found
+
+    (ifd0,) = struct.unpack_from(order + "L", data, 4)
+    pointer = entries(ifd0).get(_EXIF_IFD_POINTER)
+    if pointer is None:
+        return None
+    (exif_ifd,) = struct.unpack_from(order + "L", data, pointer[2])
+    comment = entries(exif_ifd).get(_USER_COMMENT)
+    if comment is None or comment[0] not in (2, 7):  # ASCII or UNDEFINED bytes
+        return None
+    count, at = comment[1], comment[2]
+    if count > 4:
+        (at,) = struct.unpack_from(order + "L", data, at)
+    if at + count > len(data):
+        return None
+    return data[at : at + count]
+
+
 def _exif_comment(data: Any) -> str:
     """The UserComment of raw EXIF bytes, decoded as the webui does ("" when there is none)."""
-    import piexif
     import piexif.helper
 
-    # Anything else piexif would take for a file name to open.
-    if not isinstance(data, bytes) or not data.startswith((b"Exif", b"II*\x00", b"MM\x00*", b"\xff\xd8")):
+    if not isinstance(data, bytes):
         return ""
-    try:
-        comment = piexif.load(data).get("Exif", {}).get(piexif.ExifIFD.UserComment, b"")
-    except (OSError, ValueError, LookupError, TypeError, struct.error):
-        return ""
-    if not isinstance(comment, bytes):
+    comment = _user_comment_bytes(data)
+    if not comment:
         return ""
     try:
         return piexif.helper.UserComment.load(comment)
@@ -192,12 +236,23 @@ def _novelai(items: dict[str, Any], size: tuple[int, int]) -> str | None:
 
 def read_info(source: str | Path | Image.Image) -> tuple[str | None, dict[str, Any]]:
     """``(infotext or None, other info items)`` of an image or image file, as the webui's
-    ``read_info_from_image``."""
+    ``read_info_from_image``. A file that is not a readable image raises OSError (PIL's
+    UnidentifiedImageError, a missing file) or ValueError (damaged, or declaring a size too large
+    to open), nothing else."""
     if isinstance(source, Image.Image):
         return _read_info(source)
+    from lib_vaebatch.images import DEFAULT_MAX_PIXELS, check_declared_size
+
     avif_available()  # registers pillow_avif, if it is there, so AVIF files open
-    with Image.open(source) as img:
-        return _read_info(img)
+    with open(source, "rb") as fp:
+        check_declared_size(fp, str(source), DEFAULT_MAX_PIXELS)  # ImageInputError is a ValueError
+        try:
+            with Image.open(fp) as img:
+                return _read_info(img)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        except (SyntaxError, EOFError, struct.error) as exc:  # damaged headers, as some plugins say it
+            raise ValueError(f"{source}: not a readable image ({exc})") from None
 
 
 def _read_info(img: Image.Image) -> tuple[str | None, dict[str, Any]]:

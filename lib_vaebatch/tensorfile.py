@@ -70,7 +70,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise TensorFileError(f"{p}: cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise TensorFileError(f"{p}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise TensorFileError(f"{p}: corrupt safetensors header (not a JSON object)")
@@ -91,15 +91,19 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return infos, dict(meta_raw)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(p: Path, name: str, entry: Any) -> TensorInfo:
     ok = (
         isinstance(entry, dict)
         and isinstance(entry.get("dtype"), str)
         and isinstance(entry.get("shape"), list)
-        and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        and all(_is_count(d) for d in entry["shape"])
         and isinstance(entry.get("data_offsets"), list)
         and len(entry["data_offsets"]) == 2
-        and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])
+        and all(_is_count(o) for o in entry["data_offsets"])
         and entry["data_offsets"][0] <= entry["data_offsets"][1]
     )
     if not ok:

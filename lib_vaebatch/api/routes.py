@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import logging
 import secrets
 from collections.abc import Callable
@@ -131,7 +132,25 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 
-basic = HTTPBasic(auto_error=False)
+
+class _DocumentedBasic(HTTPBasic):
+    """HTTP Basic in the OpenAPI schema only: FastAPI's own check would answer a malformed header
+    in its format before ours; :func:`check_auth` does the checking."""
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        return None
+
+    # FastAPI reads the parameters of an instance's __call__ without the module's globals, so the
+    # postponed annotation above could not be resolved: give it the class itself.
+    __call__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+        ]
+    )
+
+
+basic = _DocumentedBasic(scheme_name="HTTPBasic", auto_error=False)
 
 
 # -- plumbing ---------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ def decode(host: Host, payload: Any, report: Reporter) -> dict[str, Any]:
         check_latents(batch.latents, backend.latent_channels)
     except InputError as exc:
         raise ApiError("unusable latents", str(exc), 422) from None
+    if options.tiling == "always" and not backend.supports_tiling("decode"):
+        raise ApiError("tiling 'always' is not possible with this VAE", {"vae": backend.display_name}, 422)
     family = batch.resolve_family(backend.family)
     scale, shift = batch.scaling(family)
     images: list[str] = []

@@ -22,6 +22,7 @@ from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import Family
 from lib_vaebatch.images import IMAGE_SUFFIXES, ImageInputError, parse_color
 from lib_vaebatch.latents import SUFFIXES as LATENT_SUFFIXES
+from lib_vaebatch.latents import LatentFileError
 from lib_vaebatch.naming import next_sequence_number
 from lib_vaebatch.saving import read_infotext
 from lib_vaebatch.writer import SaveFn
@@ -313,8 +314,30 @@ def decode(host: Host, req: DecodeRequest, report: Reporter) -> DecodeOutcome:
     paths = gather(host, req.uploads, req.folder, DECODE_SUFFIXES, "latent files")
     options = engine_options(req.options)
     label = req.vae or host.default_vae()
-    first = host.backend(label)
-    batches, errors = load_latent_files(paths, first.latent_channels)
+    host.backend(label)  # an unknown or unloadable VAE is an error before any file is read
+    loaded, errors = load_latent_files(paths, None)
+    batches = []
+    for batch in loaded:  # the channel count is checked against the VAE for the file's own family
+        try:
+            b = host.backend(label, batch.resolve_family())
+        except ValueError as exc:  # no family has that many channels
+            errors.append(LatentFileError(batch.path or "latents", str(exc)))
+            continue
+        if batch.channels != b.latent_channels:
+            errors.append(
+                LatentFileError(
+                    batch.path or "latents",
+                    f"{batch.channels} channels, but the VAE {b.display_name} takes {b.latent_channels}",
+                )
+            )
+        else:
+            batches.append(batch)
+    if (
+        batches
+        and options.tiling == "always"
+        and not all(host.backend(label, b.resolve_family()).supports_tiling("decode") for b in batches)
+    ):
+        raise UserError(f"tiling 'always' is not possible with the VAE {label}: choose auto or never")
     lines: list[tuple[str, str]] = [("error", str(e)) for e in errors]
     if not batches:
         raise UserError("; ".join(str(e) for e in errors) or "nothing to decode")

@@ -73,3 +73,13 @@ def test_server_folders_can_be_hidden_and_unknown_vaes_are_refused(tmp_path):
     with pytest.raises(UserError, match="unknown VAE"):
         actions.decode(host, DecodeRequest(uploads=[str(_latents(tmp_path / "lat"))], vae="nope"), Reporter())
     assert host.vae_labels() == [APPROX_LABEL] and not (tmp_path / "out").exists()
+
+
+def test_flux_latents_decode_with_the_builtin_vae_and_impossible_tiling_is_refused(tmp_path):
+    host = StandaloneHost(output_dir=tmp_path / "out")
+    path = tmp_path / "flux.safetensors"
+    save_file({"latents": torch.randn(1, 16, 8, 8)}, path)  # no family: 16 channels -> flux
+    dec = actions.decode(host, DecodeRequest(uploads=[str(path)]), Reporter())
+    assert dec.ok and "VAE Batch family: flux" in dec.infotexts[0]
+    with pytest.raises(UserError, match="tiling 'always' is not possible"):
+        actions.decode(host, DecodeRequest(uploads=[str(path)], options={"tiling": "always"}), Reporter())
