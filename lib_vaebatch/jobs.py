@@ -171,6 +171,33 @@ def _decoration(pattern: str | None, values: dict[str, object]) -> str:
     return apply_pattern(pattern, standard_tokens(values))
 
 
+def decode_batch(
+    backend: VAEBackend,
+    batch: LatentBatch,
+    family: Family,
+    *,
+    options: EngineOptions | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    on_sample: Callable[[int, torch.Tensor, SampleReport], None] | None = None,
+) -> BatchResult:
+    """Decode a latents file's batch with its own scaling (for ``family``); each image goes to
+    ``on_sample`` as soon as it is final and is not kept in the result."""
+    scale, shift = batch.scaling(family)
+    return decode_latents(
+        backend,
+        batch.latents,
+        scaled=batch.scaled,
+        scaling_factor=scale if batch.scaled else None,
+        shift_factor=shift if batch.scaled else None,
+        options=options,
+        progress=progress,
+        cancel=cancel,
+        on_sample=on_sample,
+        keep_outputs=False,
+    )
+
+
 def decode_to_folder(
     batches: Sequence[LatentBatch],
     out_dir: str | Path,
@@ -221,7 +248,6 @@ def decode_to_folder(
                     family.name,
                     backend.family.name,
                 )
-            scale, shift = batch.scaling(family)
             entry = DecodedFile(batch, family, backend.display_name, BatchResult([], []))
             files.append(entry)
 
@@ -254,17 +280,14 @@ def decode_to_folder(
                 if progress is not None:
                     progress(base + done, total, f"decode {base + done}/{total}")
 
-            entry.result = decode_latents(
+            entry.result = decode_batch(
                 backend,
-                batch.latents,
-                scaled=batch.scaled,
-                scaling_factor=scale if batch.scaled else None,
-                shift_factor=shift if batch.scaled else None,
+                batch,
+                family,
                 options=options,
                 progress=file_progress,
                 cancel=cancel,
                 on_sample=submit,
-                keep_outputs=False,
             )
             offset += len(batch)
             if entry.result.cancelled:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from lib_vaebatch import __version__
-from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
+from lib_vaebatch.engine.decode import InputError, check_latents
 from lib_vaebatch.engine.encode import EncodeOptions, encode_images, prepare_images
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import FAMILY_NAMES, get_family
@@ -167,7 +167,7 @@ def parse_decode(payload: Any) -> tuple[LatentBatch, EngineOptions, bool, str, s
 
 
 def decode(host: Host, payload: Any, report: Reporter) -> dict[str, Any]:
-    from lib_vaebatch.jobs import decode_infotext
+    from lib_vaebatch.jobs import decode_batch, decode_infotext
 
     batch, options, save, vae, fmt = parse_decode(payload)
     backend = _backend(host, vae, batch.family)
@@ -178,7 +178,6 @@ def decode(host: Host, payload: Any, report: Reporter) -> dict[str, Any]:
     if options.tiling == "always" and not backend.supports_tiling("decode"):
         raise ApiError("tiling 'always' is not possible with this VAE", {"vae": backend.display_name}, 422)
     family = batch.resolve_family(backend.family)
-    scale, shift = batch.scaling(family)
     images: list[str] = []
     infotexts: list[str] = []
     saved: list[str] = []
@@ -212,17 +211,8 @@ def decode(host: Host, payload: Any, report: Reporter) -> dict[str, Any]:
             images.append(_png_b64(tensor_to_image(sample), outputs[i]))
             infotexts.append(outputs[i])
 
-        result = decode_latents(
-            backend,
-            batch.latents,
-            scaled=batch.scaled,
-            scaling_factor=scale if batch.scaled else None,
-            shift_factor=shift if batch.scaled else None,
-            options=options,
-            progress=report,
-            cancel=report.cancelled,
-            on_sample=keep,
-            keep_outputs=False,
+        result = decode_batch(
+            backend, batch, family, options=options, progress=report, cancel=report.cancelled, on_sample=keep
         )
     reports = result.reports if result is not None else []
     answer: dict[str, Any] = {
