@@ -6,23 +6,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.ui.conftest import Server, start_server, stop_server
+from tests.ui.conftest import Server, running_server
 
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The app with the built-in approximate VAE, no auth, the default 64 MiB limit."""
-    srv = start_server(tmp_path_factory.mktemp("api"), "--device", "cpu")
-    try:
+    with running_server(tmp_path_factory.mktemp("api"), "--device", "cpu") as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The same with --api-auth alice:s3cret and a 1 MiB request limit."""
-    srv = start_server(
+    with running_server(
         tmp_path_factory.mktemp("api-auth"),
         "--device",
         "cpu",
@@ -30,11 +27,8 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "alice:s3cret",
         "--api-max-mb",
         "1",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def url(server: Server, path: str) -> str:

@@ -25,7 +25,7 @@ from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.images import tensor_to_image, to_unit_range
 from lib_vaebatch.saving import encode_image
 from tests.api.conftest import Server, url
-from tests.ui.conftest import free_port, start_server, stop_server
+from tests.ui.conftest import free_port, running_server
 
 remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
 remote_decode, remote_encode = remote_utils.remote_decode, remote_utils.remote_encode
@@ -55,7 +55,7 @@ def vaes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, vaes: Path) -> Iterator[Server]:
-    srv = start_server(
+    with running_server(
         tmp_path_factory.mktemp("remote"),
         "--vae",
         str(vaes / "tiny-sd"),
@@ -65,11 +65,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, vaes: Path) -> Iterator[Ser
         "cpu",
         "--api-max-mb",
         "1",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")

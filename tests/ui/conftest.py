@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -67,6 +68,16 @@ def stop_server(server: Server) -> None:
         server.proc.kill()
 
 
+@contextlib.contextmanager
+def running_server(tmp: Path, *args: str, python: str = sys.executable) -> Iterator[Server]:
+    """``start_server`` for the length of a ``with`` block (fixtures yield from it)."""
+    srv = start_server(tmp, *args, python=python)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
 @pytest.fixture
 def tiny_vae_dir(tmp_path: Path) -> Path:
     """A folder holding one real tiny diffusers VAE (seeded), offered in the app's VAE list."""
@@ -79,8 +90,5 @@ def tiny_vae_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path, tiny_vae_dir: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path, "--vae-dir", str(tiny_vae_dir), "--device", "cpu")
-    try:
+    with running_server(tmp_path, "--vae-dir", str(tiny_vae_dir), "--device", "cpu") as srv:
         yield srv
-    finally:
-        stop_server(srv)

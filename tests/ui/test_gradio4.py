@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from lib_vaebatch.saving import read_infotext
-from tests.ui.conftest import ROOT, start_server, stop_server
+from tests.ui.conftest import ROOT, running_server
 from tests.ui.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _browser_or_skip
 
 PYTHON = os.environ.get("VAEBATCH_GRADIO4_PYTHON", str(ROOT / ".venv-gradio4" / "bin" / "python"))
@@ -26,11 +26,8 @@ def server4(tmp_path: Path):
         if os.environ.get("VAEBATCH_REQUIRE_GRADIO4") == "1":
             pytest.fail(f"gradio 4 interpreter {PYTHON} is missing")
         pytest.skip(f"no gradio 4 interpreter at {PYTHON}")
-    srv = start_server(tmp_path, "--device", "cpu", python=PYTHON)
-    try:
+    with running_server(tmp_path, "--device", "cpu", python=PYTHON) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def test_builds_and_serves_under_gradio4(server4):
