@@ -125,6 +125,16 @@ class VAEBackend(ABC):
         """
         return 1 if self.device.type == "cpu" else None
 
+    def free_bytes(self) -> int | None:
+        """Bytes free for this VAE's work as its host's memory manager sees them (Forge), or None
+        to let the engine ask the device."""
+        return None
+
+    def reserve(self, op: Op, pixels: int) -> None:
+        """Called once before a job of ``op`` over samples of ``pixels`` pixels (e.g. to load the
+        VAE through a host's memory manager); a no-op by default."""
+        return
+
     def tiling_program(self, op: Op) -> Program:
         """The encoder/decoder as a step program for the tiled executors (see lib_vaebatch.tiling).
         Backends whose VAE is a torch module in diffusers or ldm/sgm/SD3 layout return it here."""

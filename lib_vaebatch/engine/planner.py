@@ -67,7 +67,10 @@ class Plan:
 def memory_budget(backend: VAEBackend, options: EngineOptions) -> int:
     if options.memory_budget is not None:
         return int(options.memory_budget)
-    return int(free_memory(backend.device) * options.memory_fraction)
+    free = backend.free_bytes()
+    if free is None:
+        free = free_memory(backend.device)
+    return int(free * options.memory_fraction)
 
 
 def plan_chunk(

@@ -111,6 +111,7 @@ class BatchRunner:
         start = time.perf_counter()
         start_dtype = self.backend.dtype
         try:
+            self.backend.reserve(self.op, self.pixels)
             with self.backend.inference(), self.backend.prepare_for_speed():
                 # Look one chunk ahead only where copies are asynchronous: chunk k is checked while
                 # chunk k+1 runs. (On the CPU nothing would overlap, so precision escalation

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lib_vaebatch.forge import host as forge
 from lib_vaebatch.ui.actions import Reporter
 
 MAX_MB_KEY = "vaebatch_api_max_mb"
@@ -47,7 +48,8 @@ def run(name: str, work: Any) -> Any:
                 state.job_no = done
                 state.textinfo = f"VAE Batch: {name} {done}/{total}"
 
-            return work(Reporter(progress=progress, cancel=lambda: bool(state.interrupted)))
+            reporter = Reporter(progress=progress, cancel=lambda: bool(state.interrupted))
+            return forge.on_main_thread(work, reporter)  # Forge: on its main thread
         finally:
             state.end()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from modules import scripts
 
+from lib_vaebatch.forge import host as forge
 from lib_vaebatch.webui import args as A
 from lib_vaebatch.webui import takeover as T
 
@@ -32,8 +33,13 @@ def settings_values() -> dict[str, Any]:
     return values
 
 
-def is_forge(sd_model: Any) -> bool:
-    return getattr(sd_model, "first_stage_model", None) is None or hasattr(sd_model, "forge_objects")
+def no_vae_to_drive(sd_model: Any) -> bool:
+    """A model whose VAE neither the webui glue nor the Forge adapters can reach (a Forge-shaped
+    model outside a Forge process, say). On Forge the choice is made per decode, from the model
+    being decoded (hires fix may switch checkpoints)."""
+    if forge.current_host() is not None:
+        return False
+    return getattr(sd_model, "first_stage_model", None) is None
 
 
 class VaeBatchScript(scripts.Script):
@@ -108,10 +114,9 @@ class VaeBatchScript(scripts.Script):
             return
         from modules import shared
 
-        if is_forge(p.sd_model):
+        if no_vae_to_drive(p.sd_model):
             T.say(
-                "this webui keeps its VAE outside first_stage_model (Forge); Forge already decodes in "
-                "memory-sized chunks with its own tiled fallback, so VAE Batch leaves the decode to it"
+                "this model has no first_stage_model and this is not a Forge: the decode stays with the webui"
             )
             return
         method = getattr(shared.opts, "sd_vae_decode_method", "Full")

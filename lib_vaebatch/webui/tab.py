@@ -13,10 +13,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from lib_vaebatch.backends.base import VAEBackend
 from lib_vaebatch.families import Family
+from lib_vaebatch.forge import host as forge
 from lib_vaebatch.ui.actions import Host, Reporter, UserError
 from lib_vaebatch.webui.backend import NoWebuiVAEError, WebuiVAE
 from lib_vaebatch.writer import WriteJob
@@ -84,7 +83,7 @@ class WebuiHost(Host):
 
         self.hide_dirs = bool(getattr(shared.cmd_opts, "hide_ui_dir_config", False))
         self.save_fn = self.save
-        self._file_vae: tuple[str, torch.nn.Module] | None = None
+        self._file_vae: tuple[str, Any, Any] | None = None  # (label, module or Forge VAE, model)
 
     # -- VAEs ---------------------------------------------------------------------------------
     def remote_url(self) -> str:
@@ -112,6 +111,8 @@ class WebuiHost(Host):
     def backend(self, label: str, family: Family | None = None) -> VAEBackend:
         from modules import devices, sd_vae, shared
 
+        if forge.current_host() is not None:
+            return self._forge_backend(label, family)
         sd_model = shared.sd_model  # loads the checkpoint when none is loaded yet
         if sd_model is None:
             raise UserError("no checkpoint is loaded")
@@ -136,12 +137,44 @@ class WebuiHost(Host):
                 except RuntimeError as exc:
                     raise UserError(f"{label} does not fit the loaded checkpoint's VAE: {exc}") from None
                 module.to(devices.device, devices.dtype_vae)
-                self._file_vae = (label, module)
+                self._file_vae = (label, module, sd_model)
             return WebuiVAE(sd_model, module=self._file_vae[1], name=label)
         except NoWebuiVAEError:
             raise UserError(
                 "this webui keeps its VAE outside first_stage_model (Forge): the tab cannot drive it"
             ) from None
+
+    def _forge_backend(self, label: str, family: Family | None) -> VAEBackend:
+        """On Forge: the checkpoint's VAE (loading the checkpoint first if Forge has not yet), or
+        a models/VAE file built with the variant's own VAE class; both moved by Forge's memory
+        manager. Runs on Forge's main thread (see :func:`webui_wiring`)."""
+        from modules import sd_vae
+
+        try:
+            sd_model = forge.loaded_model()
+        except Exception as exc:  # noqa: BLE001 - Forge's loader raises ValueError/AssertionError...
+            raise UserError(f"Forge could not load the checkpoint: {exc}") from None
+        backend = forge.backend_for(sd_model)
+        if backend is None:
+            raise UserError("no checkpoint is loaded")
+        if label.startswith(REMOTE_PREFIX) and label == REMOTE_PREFIX + self.remote_url():
+            from lib_vaebatch.backends.remote import RemoteVAE
+
+            return RemoteVAE(self.remote_url(), family=family or backend.family)
+        if label == AUTOMATIC:
+            return backend
+        if label not in sd_vae.vae_dict:
+            raise UserError(f"unknown VAE {label!r}; press refresh after adding files to models/VAE")
+        if self._file_vae is None or self._file_vae[0] != label or self._file_vae[2] is not sd_model:
+            self._file_vae = None
+            try:
+                vae = forge.vae_from_file(sd_model, sd_vae.vae_dict[label])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise UserError(f"{label} does not fit the loaded checkpoint's VAE: {exc}") from None
+            self._file_vae = (label, vae, sd_model)
+        out = forge.backend_for(sd_model, vae=self._file_vae[1], name=label)
+        assert out is not None
+        return out
 
     def output_dir(self) -> Path:
         from modules import shared
@@ -185,7 +218,7 @@ def webui_wiring() -> Any:
 
             report = Reporter(progress=progress, cancel=lambda: bool(state.interrupted or state.skipped))
             state.textinfo = f"VAE Batch: {kind}"
-            return action(report, *values)
+            return forge.on_main_thread(action, report, *values)  # Forge: where models move
 
         wrapped = call_queue.wrap_gradio_gpu_call(run, extra_outputs=[None] * (n_outputs - 1))
         return wrapped, f"function(){{ return vaebatch.submit({json.dumps(kind)}, arguments); }}"

@@ -10,6 +10,7 @@ original. :func:`restore_all` (on "Reload UI") puts the originals back whatever 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,11 +23,19 @@ from lib_vaebatch.engine.devices import dtype_name
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import BatchResult, Status
+from lib_vaebatch.forge import host as forge
+from lib_vaebatch.forge.backend import ForgeVAE
 from lib_vaebatch.webui import args as A
 from lib_vaebatch.webui.backend import WebuiVAE
 
 #: Settings key of the remote VAE endpoint (script option "VAE" = remote, and the Latent Batch tab).
 REMOTE_URL_KEY = "vaebatch_remote_url"
+#: "webui settings" on a Forge without the webui's VAE precision settings (Neo): our own ladder.
+FORGE_DEFAULT_LADDER = A.LADDERS["bf16, fp32"]
+
+
+class HandBack(InputError):  # noqa: N818 - not an error: a hand-over
+    """A decode the engine leaves to the host's own (the message says why)."""
 
 
 def points_at_this_webui(url: str, cmd_opts: Any) -> bool:
@@ -61,11 +70,19 @@ class Job:
         from modules import shared
 
         opts, cmd = shared.opts, shared.cmd_opts
-        ladder = A.ladder_for(
-            self.values["ladder"],
-            webui_bf16=bool(getattr(opts, "auto_vae_precision_bfloat16", False)),
-            webui_fp32=bool(getattr(opts, "auto_vae_precision", True)),
-        )
+        choice = self.values["ladder"]
+        if (
+            A.LADDERS.get(choice, ()) is None
+            and forge.current_host() is not None
+            and not forge.has_setting("auto_vae_precision")
+        ):
+            ladder: tuple[str, ...] = FORGE_DEFAULT_LADDER or ()
+        else:
+            ladder = A.ladder_for(
+                choice,
+                webui_bf16=bool(getattr(opts, "auto_vae_precision_bfloat16", False)),
+                webui_fp32=bool(getattr(opts, "auto_vae_precision", True)),
+            )
         return A.engine_options(
             self.values, ladder=ladder, nan_check_allowed=not getattr(cmd, "disable_nan_check", False)
         )
@@ -74,10 +91,12 @@ class Job:
         return self.options().nan_check
 
     def backend(self, sd_model: Any) -> tuple[Any, dict[str, float]]:
-        """The decode backend and the scaling to hand the engine: the webui VAE (its own scaling),
-        or the remote endpoint from Settings with the current model's scaling."""
+        """The decode backend and the scaling to hand the engine: the model's own VAE (the webui's
+        first_stage_model, or Forge's forge_objects.vae), or the remote endpoint from Settings with
+        the current model's scaling."""
+        own = forge.backend_for(sd_model) or WebuiVAE(sd_model)
         if self.values.get("backend") != "remote":
-            return WebuiVAE(sd_model), {}
+            return own, {}
         from modules import shared
 
         from lib_vaebatch.backends.remote import RemoteVAE
@@ -86,15 +105,18 @@ class Job:
         url = str(shared.opts.data.get(REMOTE_URL_KEY) or "").strip()
         if not url:
             say("VAE = remote, but Settings > VAE Batch names no remote endpoint: using the webui VAE")
-            return WebuiVAE(sd_model), {}
+            return own, {}
         if points_at_this_webui(url, shared.cmd_opts):
             say(
                 "the remote endpoint is this webui itself, whose queue lock this generation holds: "
                 "using the webui VAE"
             )
-            return WebuiVAE(sd_model), {}
-        family = model_family(sd_model)
-        scale, shift = model_scaling(sd_model, family)
+            return own, {}
+        if isinstance(own, ForgeVAE):
+            family, (scale, shift) = own.family, (own.scaling_factor, own.shift_factor)
+        else:
+            family = model_family(sd_model)
+            scale, shift = model_scaling(sd_model, family)
         return RemoteVAE(url, family=family), {"scaling_factor": scale, "shift_factor": shift}
 
     # -- decode ----------------------------------------------------------------------------------
@@ -120,12 +142,22 @@ class Job:
         def progress(done: int, total: int, text: str) -> None:
             state.textinfo = f"VAE Batch: decoding {done}/{total}"
 
+        z: torch.Tensor = latents
+        kwargs: dict[str, Any] = dict(scaling)
+        on_forge = isinstance(backend, ForgeVAE)
+        if on_forge:
+            reason = backend.hand_back_reason(latents)
+            if reason is not None:
+                raise HandBack(f"{backend.adapter.host.label}: {reason}")
+            z, kwargs = backend.to_raw(latents), {"scaled": False}  # Forge's own scaling, in its order
         state.textinfo = f"VAE Batch: decoding 0/{n}"
-        result = decode_latents(
-            backend, latents, options=options, progress=progress, cancel=cancel, **scaling
-        )
+        result = decode_latents(backend, z, options=options, progress=progress, cancel=cancel, **kwargs)
         self.results.append(result)
-        if options.keep_recovered_dtype and backend.dtype != devices.dtype_vae:
+        summary = self._forge_finish(backend, z, result) if on_forge else result.summary()
+        if options.keep_recovered_dtype and on_forge and backend.dtype != backend.vae.vae_dtype:
+            say(f"keeping the VAE in {dtype_name(backend.dtype)} as asked (Forge's vae_dtype updated)")
+            backend.keep_dtype()
+        elif options.keep_recovered_dtype and not on_forge and backend.dtype != devices.dtype_vae:
             say(f"keeping the VAE in {dtype_name(backend.dtype)} as asked (devices.dtype_vae updated)")
             devices.dtype_vae = backend.dtype
         for event in result.events:
@@ -133,11 +165,45 @@ class Job:
                 say(event)
         images = self._assemble(result, latents)
         if final:
-            self.p.extra_generation_params[A.TITLE] = result.summary()
+            self.p.extra_generation_params[A.TITLE] = summary
             if self.values["save_latents"]:
                 self.latents.append(latents[: len(images)].detach().to("cpu", torch.float32))
         state.textinfo = None
         return images
+
+    def _forge_finish(self, backend: ForgeVAE, raw: torch.Tensor, result: BatchResult) -> str:
+        """On Forge: as the very last rung, decode what ran out of memory even in our smallest
+        tiles with Forge's own 3-pass tiles (approximate, and labelled so), and say what a
+        recovery ran in (Forge built the weights in its dtype). Returns the infotext summary."""
+        rescued: set[int] = set()
+        for rep in result.reports:
+            if rep.status is not Status.FAILED or not rep.message.startswith("out of memory"):
+                continue
+            try:
+                out = backend.forge_tiled_decode(raw[rep.index : rep.index + 1])[0]
+            except Exception as exc:  # noqa: BLE001 - the sample stays failed, with both reasons
+                rep.message += f"; Forge's own tiled decode failed too ({type(exc).__name__})"
+                continue
+            result.outputs[rep.index] = out
+            rep.status, rep.tiled = Status.RECOVERED, True
+            rep.message += "; decoded by Forge's own 3-pass tiles (approximate)"
+            rescued.add(rep.index)
+        ours = dataclasses.replace(result, reports=[r for r in result.reports if r.index not in rescued])
+        parts = [] if ours.summary() == "on" else [ours.summary()]
+        if rescued:
+            say(
+                f"{len(rescued)} image(s) decoded by Forge's own 3-pass tiles (approximate) after ours failed"
+            )
+            parts.append(f"Forge 3-pass tiles ×{len(rescued)}")
+        notes = {
+            note
+            for r in ours.reports
+            if r.status is Status.RECOVERED and r.dtype and (note := backend.weights_note(r.dtype))
+        }
+        for note in sorted(notes):
+            say(f"recovered samples ran in {note}")
+            parts.append(note)
+        return ", ".join(parts) or "on"
 
     def _assemble(self, result: BatchResult, latents: torch.Tensor) -> list[torch.Tensor]:
         """The images in batch order. A sample that failed for good becomes a black image (what the
@@ -165,7 +231,7 @@ class Job:
     # -- encode (img2img init images, optional) ----------------------------------------------------
     def encode(self, sd_model: Any, image: torch.Tensor) -> torch.Tensor:
         """Init images ``[B, 3, H, W]`` in [0, 1] to sampler-space latents (posterior mean)."""
-        backend = WebuiVAE(sd_model)
+        backend = forge.backend_for(sd_model) or WebuiVAE(sd_model)
         pixels = image.float().cpu() * 2.0 - 1.0
         result = encode_pixels(backend, pixels, options=self.options())
         if not result.ok:
@@ -253,6 +319,8 @@ def _decode_latent_batch(original: Callable[..., Any]) -> Callable[..., Any]:
         from modules import processing
 
         if check_for_nans and job.nan_check() and not all_finite(batch):
+            if forge.backend_for(model) is not None:  # Forge has no NaN check of its own: its way
+                return original(model, batch, target_device=target_device, check_for_nans=check_for_nans)
             raise_unet_nans()
         try:
             images = job.decode(model, batch, final=job.hr_started)

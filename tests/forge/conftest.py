@@ -1,0 +1,47 @@
+"""Fake Forge hosts, one per variant (Forge, Neo, Classic, reForge), loaded fresh for every test:
+the fake webui's ``modules`` given the variant's decode path, Forge's own packages beside it, and
+a tiny SD1 model built the way that variant builds it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.forge import hosts
+from tests.webui.harness import fake_webui
+
+
+def _start(name: str, *, initial_placeholder: bool = False):
+    variant = hosts.VARIANTS[name]
+
+    def setup():
+        hosts.forgeify(variant)
+        if initial_placeholder:
+            return hosts.FakeInitialModel()
+        return hosts.build_model(variant)
+
+    return variant, fake_webui(variant.paths, setup=setup)
+
+
+@pytest.fixture(params=list(hosts.VARIANTS))
+def forge(request):
+    variant, ctx = _start(request.param)
+    with ctx as host:
+        host.variant = variant
+        host.mm = hosts.memory_manager(variant)
+        try:
+            yield host
+        finally:
+            hosts.teardown()
+
+
+@pytest.fixture(params=["forge", "classic"])
+def forge_pair(request):
+    """One variant per backend, for the slower tests."""
+    variant, ctx = _start(request.param)
+    with ctx as host:
+        host.variant = variant
+        host.mm = hosts.memory_manager(variant)
+        try:
+            yield host
+        finally:
+            hosts.teardown()
