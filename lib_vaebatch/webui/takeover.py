@@ -192,7 +192,8 @@ class Job:
         parts = [] if ours.summary() == "on" else [ours.summary()]
         if rescued:
             say(
-                f"{len(rescued)} image(s) decoded by Forge's own 3-pass tiles (approximate) after ours failed"
+                f"{len(rescued)} image(s) ran out of memory even in our smallest tiles: decoded by "
+                "Forge's own 3-pass tiles (approximate)"
             )
             parts.append(f"Forge 3-pass tiles ×{len(rescued)}")
         notes = {

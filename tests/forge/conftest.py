@@ -45,3 +45,24 @@ def forge_pair(request):
             yield host
         finally:
             hosts.teardown()
+
+
+@pytest.fixture
+def webui():
+    """The A1111 fake, for the checks that Forge detection leaves A1111 alone."""
+    with fake_webui() as host:
+        yield host
+
+
+@pytest.fixture(params=["neo", "forge", "classic"])
+def forge_fresh(request):
+    """Forge 2 / Neo just started: ``shared.sd_model`` is a placeholder until the first load
+    (Classic loads as A1111 does: its model is there)."""
+    variant, ctx = _start(request.param, initial_placeholder=request.param != "classic")
+    with ctx as host:
+        host.variant = variant
+        host.mm = hosts.memory_manager(variant)
+        try:
+            yield host
+        finally:
+            hosts.teardown()

@@ -199,7 +199,7 @@ def test_api_argument_mapping_title_match_and_bad_values(webui, capsys):
     assert len(res.images) == 1 and webui.processing.core_decode_calls == [1]
 
 
-def test_forge_model_switches_off_with_one_message(webui, capsys):
+def test_a_model_without_first_stage_outside_forge_is_left_alone_with_one_message(webui, capsys):
     webui.shared.sd_model = webui.models.ForgeModel(webui.models.ldm_vae())
     _, res = webui.run(alwayson=ON, batch_size=2)
     out = capsys.readouterr().out
