@@ -259,7 +259,7 @@ def _engine_options(args: argparse.Namespace):  # -> EngineOptions
 
 def _load_backend(args: argparse.Namespace, family: str | None = None):  # -> VAEBackend
     from lib_vaebatch.backends import load_vae
-    from lib_vaebatch.engine.devices import parse_dtype, resolve_device
+    from lib_vaebatch.devices import parse_dtype, resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -439,7 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    from lib_vaebatch.engine.devices import resolve_device
+    from lib_vaebatch.devices import resolve_device
 
     try:
         return resolve_device(args.device)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from lib_vaebatch.backends.base import VAEBackend
-from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.devices import parse_dtype
 from lib_vaebatch.engine.encode import EncodeOptions
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import Family

@@ -1,4 +1,5 @@
-"""Devices, dtypes, free memory and out-of-memory detection."""
+"""Devices, dtypes, free memory and out-of-memory detection: shared by the backends and the engine
+(so it sits below both)."""
 
 from __future__ import annotations
 
