@@ -37,7 +37,7 @@ from lib_vaebatch.backends.base import VAEBackend
 from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.results import BatchResult
-from lib_vaebatch.families import default_family_for_channels, to_raw
+from lib_vaebatch.families import default_family_for_channels, no_family_problem, to_raw
 from lib_vaebatch.images import ImageInputError, prepare_image, tensor_to_image
 from lib_vaebatch.latents import MAX_LATENT_ELEMENTS
 from lib_vaebatch.saving import encode_image
@@ -191,7 +191,7 @@ def _pick_backend(host: Host, vae: str, channels: int | None) -> VAEBackend:
         try:  # the built-in VAE follows the latents (4 channels: SD, 16: Flux)
             family = default_family_for_channels(channels)
         except ValueError:
-            return backend
+            raise ApiError("unusable latents", no_family_problem(channels), 422) from None
         backend = service._backend(host, vae, family.name)
     return backend
 
