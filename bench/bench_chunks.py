@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, median, sd_vae, timed, write
+from lib_vaebatch.devices import default_dtype, dtype_name, parse_dtype, resolve_device
 from lib_vaebatch.engine.decode import decode_latents
-from lib_vaebatch.engine.devices import default_dtype, dtype_name, parse_dtype, resolve_device
 from lib_vaebatch.engine.options import EngineOptions
 
 

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[5])
 from bench.common import sd_vae
-from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.devices import parse_dtype
 op, size, dtype, device = sys.argv[1], int(sys.argv[2]), parse_dtype(sys.argv[3]), torch.device(sys.argv[4])
 vae = sd_vae(device=str(device), dtype=dtype)
 x = (torch.randn(1, 4, size // 8, size // 8) if op == "decode" else torch.rand(1, 3, size, size) * 2 - 1)
@@ -53,7 +53,7 @@ def main() -> int:
     from lib_vaebatch.engine.planner import estimate_bytes
 
     planner_vae = sd_vae()  # only its planning hints are used
-    from lib_vaebatch.engine.devices import parse_dtype, resolve_device
+    from lib_vaebatch.devices import parse_dtype, resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", nargs="+", default=["decode", "encode"])

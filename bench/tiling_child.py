@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import sd_vae
-from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.devices import parse_dtype
 from lib_vaebatch.tiling import TileSettings, run_tiled
 
 

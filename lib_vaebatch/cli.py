@@ -1,7 +1,8 @@
 """``python -m lib_vaebatch``: encode images to latents, decode latents to images, run the demo.
 
 Exit codes: 0 all done; 1 some samples failed or could not be saved (every good one is saved);
-2 bad input or usage (nothing written); 130 interrupted (finished samples are kept).
+2 bad input or usage (nothing written); 3 unexpected error (a bug: one line naming the exception;
+``-v`` adds the traceback); 130 interrupted (finished samples are kept).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from lib_vaebatch.log import PREFIX, setup_console
 
 log = logging.getLogger("vaebatch")
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EXIT_STATUS_HELP = """exit status:
+  0    all done
+  1    some samples failed or could not be saved (every good one is saved)
+  2    bad input or usage: one line naming the file and the problem; nothing written
+  3    unexpected error (a bug): one line naming the exception (-v adds the traceback)
+  130  interrupted (finished samples are kept)"""
 
 
 class CliError(Exception):
@@ -56,6 +64,19 @@ def _tile_size(value: str) -> int:
             "--tile-size is in latent pixels (image pixels / 8) and must be at least 8"
         )
     return n
+
+
+def _int_in(low: int, high: int):  # -> argparse type (argparse names the option in its message)
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, not {value!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low}..{high}, not {n}")
+        return n
+
+    return parse
 
 
 def _verbose(p: argparse.ArgumentParser) -> None:
@@ -121,9 +142,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lib_vaebatch.families import FAMILY_NAMES
+
     parser = argparse.ArgumentParser(
         prog="python -m lib_vaebatch",
         description="VAE Batch: batch VAE encode/decode that never loses a batch.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"VAE Batch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show engine events")
@@ -173,18 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument(
         "--format", default="png", choices=("png", "jpg", "webp"), help="image format (default png)"
     )
-    dec.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    dec.add_argument("--quality", type=_int_in(1, 100), default=95, help="JPEG/WebP quality (default 95)")
     _common(dec)
 
     demo = sub.add_parser("demo", help="encode sample images, decode them back, save them with metadata")
     demo.add_argument("-o", "--output", default="outputs/demo", help="output folder (default outputs/demo)")
-    demo.add_argument("--family", default="sd1", help="family of the approximate VAE (default sd1)")
+    demo.add_argument(
+        "--family", default="sd1", choices=FAMILY_NAMES, help="family of the approximate VAE (default sd1)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     _verbose(demo)
 
     srv = sub.add_parser("serve", help="serve the Latent Batch app (web UI and HTTP API)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    srv.add_argument("--port", type=_int_in(0, 65535), default=7860, help="port (default 7860)")
     srv.add_argument(
         "--vae",
         default="approx",
@@ -192,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default VAE: 'approx' (built-in) or a file/folder",
     )
     srv.add_argument("--vae-dir", metavar="DIR", help="a folder of VAE files offered in the VAE list")
-    srv.add_argument("--family", help="model family of the built-in VAE (default: from the latents)")
+    srv.add_argument(
+        "--family", choices=FAMILY_NAMES, help="model family of the built-in VAE (default: from the latents)"
+    )
     srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
     srv.add_argument(
         "-o",
@@ -259,13 +288,8 @@ def _engine_options(args: argparse.Namespace):  # -> EngineOptions
 
 def _load_backend(args: argparse.Namespace, family: str | None = None):  # -> VAEBackend
     from lib_vaebatch.backends import load_vae
-    from lib_vaebatch.engine.devices import parse_dtype, resolve_device
 
-    try:
-        device = resolve_device(args.device)
-        dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    device, dtype = _device(args), _dtype(args)
     try:
         backend = load_vae(args.vae, family=family or args.family, device=device, dtype=dtype)
     except (ValueError, OSError) as exc:
@@ -275,6 +299,17 @@ def _load_backend(args: argparse.Namespace, family: str | None = None):  # -> VA
     if dtype is not None:
         backend.set_dtype(dtype)
     return backend
+
+
+def _check_folder(folder: Path, given: Path | None = None) -> None:
+    """``folder`` is, or can be made, a folder (``given``: the argument it is for): a file on the way
+    is a one-line error now, not an exception after the work is done."""
+    given = given or folder
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CliError(f"{given}: {'' if p == given else f'{p} '}exists and is not a folder")
+            return
 
 
 def _report_events(events: Sequence[str], verbose: bool) -> None:
@@ -296,6 +331,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if not paths:
         raise CliError("no images found in " + ", ".join(args.images))
+    _check_folder(Path(args.output).parent, Path(args.output))
     backend = _load_backend(args)
     if backend.preview:
         log.info("using the built-in approximate VAE (%s): preview quality", backend.family.name)
@@ -354,9 +390,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"{out}: exists and is not a folder")
+    _check_folder(out)
     approx = str(args.vae).strip().lower() == APPROX
+    device, dtype = _device(args), _dtype(args)  # checked now: the built-in VAEs are made later
     backend = None if approx else _load_backend(args)
     batches, errors = load_latent_files(args.latents, None if backend is None else backend.latent_channels)
     if errors:
@@ -370,7 +406,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             return backend
         name = args.family or family.name
         if name not in cache:
-            cache[name] = ApproxVAE(name, device=_device(args))
+            cache[name] = ApproxVAE(name, device=device, dtype=dtype or torch.float32)
         return cache[name]
 
     if approx:
@@ -424,6 +460,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.vae_dir and not Path(args.vae_dir).is_dir():
         raise CliError(f"--vae-dir {args.vae_dir}: not a folder")
+    if args.api_max_mb <= 0:
+        raise CliError("--api-max-mb must be positive")
+    _check_folder(Path(args.output_dir))
     host = StandaloneHost(
         args.vae,
         args.vae_dir,
@@ -432,19 +471,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         family=args.family,
         hide_dirs=args.hide_ui_dir_config,
     )
-    if args.api_max_mb <= 0:
-        raise CliError("--api-max-mb must be positive")
+    try:  # the default VAE is loaded now: a bad --vae is an error before the server starts
+        host.backend(host.default_vae())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     serve(host, args.host, args.port, api_auth=args.api_auth, max_bytes=int(args.api_max_mb * (1 << 20)))
     return EXIT_OK
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    from lib_vaebatch.engine.devices import resolve_device
+    from lib_vaebatch.devices import resolve_device
 
     try:
         return resolve_device(args.device)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    from lib_vaebatch.devices import parse_dtype
+
+    try:
+        return None if args.dtype == "auto" else parse_dtype(args.dtype)
+    except ValueError as exc:
+        raise CliError(f"--dtype: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -460,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         from lib_vaebatch.demo import run_demo
 
+        _check_folder(Path(args.output))
         return run_demo(Path(args.output), family=args.family, progress=not args.no_progress)
     except CliError as exc:
         print(f"{PREFIX} error: {exc}", file=sys.stderr)
@@ -467,6 +518,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PREFIX} aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line (and its traceback with -v), never a bare traceback
+        log.debug("the traceback of the unexpected error:", exc_info=True)  # shown with -v
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"{PREFIX} error: unexpected {type(exc).__name__}: {text}", file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -118,13 +118,23 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILY_NAMES)}") from None
 
 
+#: The latent channel counts some family has ("4 or 16").
+KNOWN_CHANNELS = " or ".join(str(c) for c in sorted({f.latent_channels for f in FAMILIES.values()}))
+
+
 def default_family_for_channels(channels: int) -> Family:
     """The family assumed when nothing else says: 4 channels -> sd1, 16 -> flux."""
     if channels == 4:
         return FAMILIES["sd1"]
     if channels == 16:
         return FAMILIES["flux"]
-    raise ValueError(f"no model family has {channels} latent channels (known: 4 or 16)")
+    raise ValueError(f"no model family has {channels} latent channels (known: {KNOWN_CHANNELS})")
+
+
+def no_family_problem(channels: int) -> str:
+    """The one-line problem of latents whose channel count no model family has."""
+    have = f"{channels} channel" + ("" if channels == 1 else "s")
+    return f"latents have {have}; no model family has {channels} (known: {KNOWN_CHANNELS})"
 
 
 def family_for_scaling(scaling_factor: float, channels: int | None = None) -> Family | None:

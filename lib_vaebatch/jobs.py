@@ -31,8 +31,9 @@ log = logging.getLogger("vaebatch")
 def load_latent_files(
     paths: Sequence[str | Path], channels: int | None = None
 ) -> tuple[list[LatentBatch], list[LatentFileError]]:
-    """Read and validate every file before any decode: readable, 4-D float, channel count that fits
-    the VAE, no NaN/Inf. Returns the good batches and one error per bad file."""
+    """Read and validate every file before any decode: readable, 4-D float, a channel count that
+    fits the VAE (without one: that some model family has), no NaN/Inf. Returns the good batches and
+    one error per bad file."""
     good: list[LatentBatch] = []
     bad: list[LatentFileError] = []
     for path in paths:
@@ -44,6 +45,10 @@ def load_latent_files(
                 raise LatentFileError(
                     path, str(exc).removeprefix(f"sample {exc.index}: "), exc.index
                 ) from None
+            try:
+                batch.resolve_family()
+            except ValueError as exc:
+                raise LatentFileError(path, str(exc)) from None
             good.append(batch)
         except LatentFileError as exc:
             bad.append(exc)

@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lib_vaebatch.families import FAMILY_NAMES, Family, default_family_for_channels, get_family
+from lib_vaebatch.families import (
+    FAMILY_NAMES,
+    Family,
+    default_family_for_channels,
+    get_family,
+    no_family_problem,
+)
 from lib_vaebatch.naming import publish
 from lib_vaebatch.ptfile import PtFileError, load_pt_tensor
 from lib_vaebatch.tensorfile import TensorFileError, open_safetensors, read_header
@@ -86,12 +92,16 @@ class LatentBatch:
         return int(self.latents.shape[1])
 
     def resolve_family(self, fallback: Family | None = None) -> Family:
-        """The declared family, else ``fallback`` (the VAE's) if its channels fit, else by channels."""
+        """The declared family, else ``fallback`` (the VAE's) if its channels fit, else by channels
+        (``ValueError`` for a channel count no family has)."""
         if self.family:
             return get_family(self.family)
         if fallback is not None and fallback.latent_channels == self.channels:
             return fallback
-        return default_family_for_channels(self.channels)
+        try:
+            return default_family_for_channels(self.channels)
+        except ValueError:
+            raise ValueError(no_family_problem(self.channels)) from None
 
     def scaling(self, family: Family) -> tuple[float, float]:
         """(scaling, shift) to un-scale with: the file's own values, else the family's."""

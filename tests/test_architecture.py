@@ -1,6 +1,7 @@
 """The core never imports a host (the webui's ``modules``, Forge's ``backend``/``ldm_patched``/
 ``modules_forge``) or gradio; only the host sub-packages may: ``webui`` (the webui glue shared by
-A1111 and the Forge family), ``forge`` (everything Forge-specific) and ``ui`` (gradio)."""
+A1111 and the Forge family), ``forge`` (everything Forge-specific) and ``ui`` (gradio).
+The package's modules import each other in layers, without cycles (see LAYERS)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,193 @@ def test_only_the_webui_sub_package_touches_modules():
     assert "modules" not in _imported_roots(PACKAGE / "webui" / "args.py")
     scripts_entry = ROOT / "scripts" / "vaebatch.py"
     assert len(scripts_entry.read_text().splitlines()) < 20, "scripts/vaebatch.py stays a thin entry"
+
+
+# -- layering ---------------------------------------------------------------------------------
+#: Lowest first. A module may import modules of its own layer or a lower one, never a higher one;
+#: every module belongs to the layer of its longest matching name (``ui.actions`` before ``ui``).
+#: ``ui.actions``/``ui.standalone`` are the Latent Batch tab's gradio-free actions and host, which
+#: the HTTP API runs too, so they sit below ``api``; the gradio page itself (``ui``) sits above it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core utilities", ("", "log", "progress", "naming", "images", "infotext", "tensorfile",
+                        "ptfile", "families", "devices")),
+    ("files and tiling", ("tiling", "latents", "saving", "writer")),
+    ("backends", ("backends",)),
+    ("engine", ("engine",)),
+    ("Forge adapters", ("forge",)),  # Forge's VAE behind the engine; below the shared webui glue
+    ("jobs", ("jobs", "demo")),
+    ("tab actions", ("ui.actions", "ui.standalone")),
+    ("api", ("api",)),
+    ("front ends", ("ui", "webui", "cli", "__main__")),
+]  # fmt: skip
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Which modules of the package at ``root`` each of its modules imports (statically, with ast):
+    module level and inside functions, ``TYPE_CHECKING`` blocks, relative imports and
+    ``importlib.import_module("...")``. A submodule's implicit import of its parent package is not
+    an edge; ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to
+    ``pkg``."""
+    files = {_module_name(root, p): p for p in sorted(root.rglob("*.py"))}
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        targets: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    targets.append(sub if sub in files else source)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module",
+                "__import__",
+            ):
+                targets += [
+                    a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                ]
+        inside = (t for t in targets if t == root.name or t.startswith(root.name + "."))
+        graph[mod] = {k for k in map(known, inside) if k is not None and k != mod}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def layer_of(module: str, package: str = "lib_vaebatch") -> int | None:
+    rel = module.removeprefix(package).removeprefix(".")
+    best: tuple[int, int] | None = None  # (length of the matching name, layer)
+    for rank, (_title, names) in enumerate(LAYERS):
+        for name in names:
+            matches = rel == name or (bool(name) and rel.startswith(name + "."))
+            if matches and (best is None or len(name) > best[0]):
+                best = (len(name), rank)
+    return None if best is None else best[1]
+
+
+def upward_imports(graph: dict[str, set[str]], package: str = "lib_vaebatch") -> list[str]:
+    out = []
+    for mod in sorted(graph):
+        for dep in sorted(graph[mod]):
+            low, high = layer_of(mod, package), layer_of(dep, package)
+            if low is not None and high is not None and high > low:
+                out.append(f"{mod} ({LAYERS[low][0]}) imports {dep} ({LAYERS[high][0]})")
+    return out
+
+
+def test_the_package_has_no_import_cycles():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 40 and "lib_vaebatch.api.http" in graph["lib_vaebatch.api.remote"]
+    assert import_cycles(graph) == []
+
+
+def test_imports_follow_the_layers():
+    """core utilities < files and tiling < backends < engine < jobs < tab actions < api < front ends
+    (see LAYERS); every module has a layer, and in particular backends never import the engine."""
+    graph = import_graph(PACKAGE)
+    assert sorted(m for m in graph if layer_of(m) is None) == []
+    assert upward_imports(graph) == []
+    backends = [m for m in graph if m.startswith("lib_vaebatch.backends")]
+    assert len(backends) >= 5
+    assert {m: sorted(d for d in graph[m] if d.startswith("lib_vaebatch.engine")) for m in backends} == {
+        m: [] for m in backends
+    }
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    pkg = root / "lib_vaebatch"
+    for rel, text in {"__init__.py": "", **files}.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    return pkg
+
+
+def test_the_layer_checks_catch_a_planted_cycle_and_an_upward_import(tmp_path):
+    pkg = _package(
+        tmp_path,
+        {
+            "backends/__init__.py": "from lib_vaebatch.backends.base import X\n",
+            "backends/base.py": "def f():\n    from lib_vaebatch.engine import runner\n",
+            "engine/__init__.py": "",
+            "engine/runner.py": "from ..backends import base\nfrom . import planner\n",
+            "engine/planner.py": "import importlib\nimportlib.import_module('lib_vaebatch.families')\n",
+            "families.py": "import torch\nimport lib_vaebatch.jobs\n",
+            "jobs.py": "def g():\n    from lib_vaebatch import families\n",
+        },
+    )
+    graph = import_graph(pkg)
+    assert graph["lib_vaebatch.backends"] == {"lib_vaebatch.backends.base"}  # not its own package
+    assert graph["lib_vaebatch.engine.runner"] == {
+        "lib_vaebatch.backends.base",
+        "lib_vaebatch.engine.planner",
+    }
+    assert graph["lib_vaebatch.engine.planner"] == {"lib_vaebatch.families"}
+    assert sorted(import_cycles(graph)) == [
+        ["lib_vaebatch.backends.base", "lib_vaebatch.engine.runner"],  # function-level, relative
+        ["lib_vaebatch.families", "lib_vaebatch.jobs"],
+    ]
+    assert upward_imports(graph) == [
+        "lib_vaebatch.backends.base (backends) imports lib_vaebatch.engine.runner (engine)",
+        "lib_vaebatch.families (core utilities) imports lib_vaebatch.jobs (jobs)",
+    ]
+    # Without the planted imports the same package is clean.
+    (pkg / "backends" / "base.py").write_text("X = 1\n")
+    (pkg / "families.py").write_text("import torch\n")
+    graph = import_graph(pkg)
+    assert import_cycles(graph) == [] and upward_imports(graph) == []

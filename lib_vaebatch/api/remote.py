@@ -20,11 +20,10 @@ host's job lock, so the NaN check and precision ladder apply; a sample that stay
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
@@ -32,21 +31,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from lib_vaebatch.api import service
+from lib_vaebatch.api.http import ERRORS, ApiConfig, check_auth, read_body, respond
 from lib_vaebatch.api.service import ApiError
 from lib_vaebatch.backends.base import VAEBackend
 from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.results import BatchResult
-from lib_vaebatch.families import default_family_for_channels, to_raw
+from lib_vaebatch.families import default_family_for_channels, no_family_problem, to_raw
 from lib_vaebatch.images import ImageInputError, prepare_image, tensor_to_image
 from lib_vaebatch.latents import MAX_LATENT_ELEMENTS
 from lib_vaebatch.saving import encode_image
 from lib_vaebatch.ui.actions import Host, Reporter
-
-if TYPE_CHECKING:
-    from lib_vaebatch.api.routes import ApiConfig
-
-log = logging.getLogger("vaebatch")
 
 DECODE_PATH = "/remote/decode"
 ENCODE_PATH = "/remote/encode"
@@ -196,7 +191,7 @@ def _pick_backend(host: Host, vae: str, channels: int | None) -> VAEBackend:
         try:  # the built-in VAE follows the latents (4 channels: SD, 16: Flux)
             family = default_family_for_channels(channels)
         except ValueError:
-            return backend
+            raise ApiError("unusable latents", no_family_problem(channels), 422) from None
         backend = service._backend(host, vae, family.name)
     return backend
 
@@ -438,8 +433,6 @@ _TENSOR_HEADERS = {
 
 
 def _responses(media: dict[str, Any], description: str) -> dict[int | str, dict[str, Any]]:
-    from lib_vaebatch.api.routes import ERRORS
-
     return {200: {"description": description, "content": media, "headers": _TENSOR_HEADERS}, **ERRORS}
 
 
@@ -456,31 +449,26 @@ def _query(request: Request) -> dict[str, list[str]]:
 
 def make_remote_router(config: ApiConfig) -> APIRouter:
     """``POST``/``GET`` ``/remote/decode`` and ``/remote/encode`` (mounted under ``/vaebatch/v1``)
-    for an :class:`~lib_vaebatch.api.routes.ApiConfig`."""
-    from lib_vaebatch.api.routes import check_auth, error_response, read_body
-
-    router = APIRouter(tags=config.tags)
+    for an :class:`~lib_vaebatch.api.http.ApiConfig`."""
+    router = APIRouter()
     host: Host = config.host
 
     async def serve(request: Request, name: str, work: Work) -> Response:
-        try:
+        async def run() -> Response:
             check_auth(request, config.credentials())
             body = await read_body(request, config.max_bytes())
             query = _query(request)
             answer = await run_in_threadpool(config.run, name, lambda rep: work(host, query, body, rep))
-        except ApiError as exc:
-            return error_response(exc)
-        except Exception as exc:  # a bug must answer JSON (the client calls response.json())
-            log.exception("%s failed", name)
-            return JSONResponse({"error": f"{name} failed", "detail": str(exc)}, status_code=500)
-        return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+            return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
-    async def info(request: Request, op: str) -> JSONResponse:
-        try:
+        return await respond(name, run)
+
+    async def info(request: Request, op: str) -> Response:
+        async def run() -> Response:
             check_auth(request, config.credentials())
             return JSONResponse(await run_in_threadpool(describe, host, _query(request), op))
-        except ApiError as exc:
-            return error_response(exc)
+
+        return await respond(f"remote-{op}-info", run)
 
     @router.post(
         DECODE_PATH,
@@ -510,11 +498,11 @@ def make_remote_router(config: ApiConfig) -> APIRouter:
         return await serve(request, "remote-encode", encode_work)
 
     @router.get(DECODE_PATH, summary="Remote VAE decode: health and VAE info")
-    async def remote_decode_info(request: Request) -> JSONResponse:
+    async def remote_decode_info(request: Request) -> Response:
         return await info(request, "decode")
 
     @router.get(ENCODE_PATH, summary="Remote VAE encode: health and VAE info")
-    async def remote_encode_info(request: Request) -> JSONResponse:
+    async def remote_encode_info(request: Request) -> Response:
         return await info(request, "encode")
 
     return router

@@ -170,6 +170,10 @@ def decode(host: Host, payload: Any, report: Reporter) -> dict[str, Any]:
     from lib_vaebatch.jobs import decode_batch, decode_infotext
 
     batch, options, save, vae, fmt = parse_decode(payload)
+    try:
+        batch.resolve_family()
+    except ValueError as exc:  # a channel count no model family has
+        raise ApiError("unusable latents", str(exc), 422) from None
     backend = _backend(host, vae, batch.family)
     try:
         check_latents(batch.latents, backend.latent_channels)

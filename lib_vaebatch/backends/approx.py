@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_vaebatch.backends.base import Moments, Op, VAEBackend
-from lib_vaebatch.engine.devices import resolve_device
+from lib_vaebatch.devices import resolve_device
 from lib_vaebatch.families import Family, get_family, to_raw, to_scaled
 
 

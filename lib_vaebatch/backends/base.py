@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from lib_vaebatch.engine.devices import dtype_supported
+from lib_vaebatch.devices import dtype_supported
 from lib_vaebatch.families import Family
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
 

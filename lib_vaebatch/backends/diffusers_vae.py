@@ -22,7 +22,7 @@ import torch
 
 from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_tiling_program
 from lib_vaebatch.backends.keys import WeightsFormatError, to_diffusers_naming, vae_key_map
-from lib_vaebatch.engine.devices import default_dtype, resolve_device
+from lib_vaebatch.devices import default_dtype, resolve_device
 from lib_vaebatch.families import (
     Family,
     default_family_for_channels,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.devices import parse_dtype
 
 ChunkMode = Literal["auto", "per-sample"]
 TilingMode = Literal["auto", "always", "never"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lib_vaebatch.backends.base import Op, VAEBackend
-from lib_vaebatch.engine.devices import free_memory
+from lib_vaebatch.devices import free_memory
 from lib_vaebatch.engine.options import EngineOptions
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lib_vaebatch.backends.base import Op, VAEBackend
-from lib_vaebatch.engine.devices import dtype_name, empty_cache, is_oom, resolve_device, robustness
+from lib_vaebatch.devices import dtype_name, empty_cache, is_oom, resolve_device, robustness
 from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement

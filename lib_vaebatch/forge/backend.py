@@ -78,7 +78,7 @@ class ForgeVAE(VAEBackend):
 
     def weights_note(self, dtype_name: str) -> str:
         """What a recovery in ``dtype_name`` really ran: Forge built the weights in its dtype."""
-        from lib_vaebatch.engine.devices import dtype_name as name_of
+        from lib_vaebatch.devices import dtype_name as name_of
 
         stored = name_of(self.stored_dtype)
         if dtype_name in ("fp32", "bf16") and stored not in ("fp32", dtype_name):

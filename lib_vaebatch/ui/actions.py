@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from lib_vaebatch.backends.base import VAEBackend
-from lib_vaebatch.engine.devices import parse_dtype
+from lib_vaebatch.devices import parse_dtype
 from lib_vaebatch.engine.encode import EncodeOptions
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import Family
@@ -320,7 +320,7 @@ def decode(host: Host, req: DecodeRequest, report: Reporter) -> DecodeOutcome:
     for batch in loaded:  # the channel count is checked against the VAE for the file's own family
         try:
             b = host.backend(label, batch.resolve_family())
-        except ValueError as exc:  # no family has that many channels
+        except ValueError as exc:  # the host cannot give that VAE for the file's family
             errors.append(LatentFileError(batch.path or "latents", str(exc)))
             continue
         if batch.channels != b.latent_channels:

@@ -40,7 +40,8 @@ def build_app(
     from fastapi import FastAPI
 
     from lib_vaebatch import __version__
-    from lib_vaebatch.api.routes import ApiConfig, make_router
+    from lib_vaebatch.api.http import ApiConfig
+    from lib_vaebatch.api.mount import make_router
 
     users = dict(p.split(":", 1) for p in (api_auth or "").split(",") if ":" in p)
     app = FastAPI(title="VAE Batch", version=__version__)

@@ -55,7 +55,8 @@ def run(name: str, work: Any) -> Any:
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    from lib_vaebatch.api.routes import PREFIX, ApiConfig, make_router
+    from lib_vaebatch.api.http import PREFIX, ApiConfig
+    from lib_vaebatch.api.mount import make_router
     from lib_vaebatch.webui.tab import WebuiHost
 
     if any(getattr(r, "path", "").startswith(PREFIX) for r in app.routes):

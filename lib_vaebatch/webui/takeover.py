@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from lib_vaebatch.devices import dtype_name
 from lib_vaebatch.engine.decode import InputError, decode_latents
-from lib_vaebatch.engine.devices import dtype_name
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import BatchResult, Status

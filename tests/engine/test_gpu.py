@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib_vaebatch.devices import free_memory
 from lib_vaebatch.engine.decode import decode_latents
-from lib_vaebatch.engine.devices import free_memory
 from lib_vaebatch.engine.offload import Offloader
 from lib_vaebatch.engine.options import EngineOptions
 from tests.support import Recorder, marked_latents, overflowing_backend, tiny_backend

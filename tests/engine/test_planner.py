@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lib_vaebatch.backends import ApproxVAE
-from lib_vaebatch.engine.devices import dtype_name, free_memory, is_oom, parse_dtype, robustness
+from lib_vaebatch.devices import dtype_name, free_memory, is_oom, parse_dtype, robustness
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import estimate_bytes, plan_chunk
 from tests.support import Recorder, tiny_backend

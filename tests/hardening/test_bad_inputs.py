@@ -16,6 +16,8 @@ import os
 import pickle
 import re
 import struct
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from lib_vaebatch.latents import LatentFileError, read_latents
 from lib_vaebatch.saving import exif_user_comment, read_info, read_infotext
 from lib_vaebatch.ui.actions import DecodeRequest, EncodeRequest, Reporter, UserError, decode, encode
 from lib_vaebatch.ui.standalone import StandaloneHost
-from tests.hardening.conftest import call, post_large, rss_bytes
+from tests.hardening.conftest import call, post_large, rss_bytes, url
 
 MiB = 1 << 20
 
@@ -179,6 +181,11 @@ class FileCase:
 
 
 HUGE = [100_000, 4, 100_000, 100_000]
+NO_FAMILY_CHANNELS = (1, 3, 6, 8, 32)  # latent channel counts no model family has (they have 4 or 16)
+
+
+def no_family(channels: int) -> str:
+    return rf"latents have {channels} channels?; no model family has {channels} \(known: 4 or 16\)"
 
 
 def entry(shape: list[int], offsets: list[int]) -> dict[str, Any]:
@@ -216,8 +223,8 @@ FILE_CASES = [
     FileCase("family-channel-mismatch", ".safetensors",
              lambda _: st_file({"latents": torch.zeros(1, 4, 8, 8)}, {"family": "flux"}),
              r"family flux has 16 channels, latents have 4"),
-    FileCase("channels-no-family-has", ".safetensors", lambda _: latents(1, 3, 8, 8),
-             r"no model family has 3 latent channels", reader_accepts=True),
+    *(FileCase(f"{c}-channels-no-family-has", ".safetensors", lambda _, c=c: latents(1, c, 8, 8),
+               no_family(c), reader_accepts=True) for c in NO_FAMILY_CHANNELS),
     FileCase("nan-latents", ".safetensors", lambda _: latents(1, 4, 8, 8, fill=float("nan")),
              r"sample 0: latents contain NaN \(256 NaN, 0 Inf values\)", reader_accepts=True),
     FileCase("inf-latents", ".safetensors", lambda _: latents(1, 4, 8, 8, fill=float("inf")),
@@ -487,6 +494,11 @@ API_CASES: list[tuple[str, str, Any, int, str]] = [
      r"unusable latents file: latents: no 'latents' tensor"),
     ("pickle-as-latents", "decode", {"latents": b64(pickle.dumps(Evil("true")))}, 422,
      r"unusable latents file: latents: (corrupt|truncated)"),
+    *((f"{c}-channels-no-family-has", "decode",
+       {"tensor": b64(np.full((1, c, 2, 2), 0.1, np.float32).tobytes()), "shape": [1, c, 2, 2], "save": True},
+       422, "unusable latents: " + no_family(c)) for c in NO_FAMILY_CHANNELS),
+    *((f"{c}-channels-file-no-family-has", "decode", {"latents": b64(latents(2, c, 2, 2)), "save": True},
+       422, "unusable latents: " + no_family(c)) for c in NO_FAMILY_CHANNELS),
 ]  # fmt: skip
 
 # Every field of both requests with a value of the wrong JSON type.
@@ -520,6 +532,7 @@ API_CASES.append(
 )
 def test_bad_api_requests(api_server, path: str, body: Any, status: int, problem: str) -> None:
     raw = body if isinstance(body, bytes) else None
+    written = output_files(api_server)
     before = rss_bytes(api_server.proc.pid)
     got, answer, headers = call(
         api_server, f"/vaebatch/v1/{path}", None if raw is not None else body, raw=raw
@@ -529,6 +542,37 @@ def test_bad_api_requests(api_server, path: str, body: Any, status: int, problem
     assert set(answer) == {"error", "detail"}
     assert re.search(problem, f"{answer['error']}: {answer['detail']}"), answer
     assert rss_bytes(api_server.proc.pid) - before < 64 * MiB
+    assert output_files(api_server) == written
+
+
+def output_files(server) -> list[Path]:
+    return sorted(p for p in server.out.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("channels", NO_FAMILY_CHANNELS)
+def test_remote_decode_refuses_channel_counts_no_family_has(api_server, channels: int) -> None:
+    """The Hybrid Inference endpoint answers 422 naming the problem; the next request still works."""
+
+    def remote(c: int) -> tuple[int, Any]:
+        query = "&".join(f"shape={n}" for n in (1, c, 2, 2)) + "&dtype=float32&output_type=pt"
+        req = urllib.request.Request(
+            url(api_server, f"/vaebatch/v1/remote/decode?{query}"),
+            data=np.full((1, c, 2, 2), 0.1, np.float32).tobytes(),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    written = output_files(api_server)
+    status, answer = remote(channels)
+    assert status == 422, answer
+    assert re.search("unusable latents: " + no_family(channels), f"{answer['error']}: {answer['detail']}")
+    assert output_files(api_server) == written
+    status, tensor = remote(4)
+    assert status == 200 and len(tensor) == 1 * 3 * 16 * 16 * 2, tensor[:200]  # [1, 3, 16, 16] float16
 
 
 def test_oversized_body_is_refused_with_413(api_server) -> None:

@@ -1,4 +1,5 @@
-"""Devices, dtypes, free memory and out-of-memory detection."""
+"""Devices, dtypes, free memory and out-of-memory detection: shared by the backends and the engine
+(so it sits below both)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(str(spec).strip())
+    try:
+        dev = torch.device(str(spec).strip())
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is None:
