@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def tiny_backend(latent_channels: int = 4, *, family: str | None = None, seed: i
     module = tiny_autoencoder(latent_channels, seed=seed, **kw)
     module.register_to_config(scaling_factor=fam.scaling_factor, shift_factor=fam.shift_factor or None)
     return DiffusersVAE(module, fam, name=f"tiny-{fam.name}")
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, which is Python 3.11+; on 3.10 (A1111's) the same ``__notes__`` list,
+    which pytest shows there too."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)  # novermin - guarded by the version check above
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
 
 
 def cpu_runs_fp16() -> bool:
