@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for people and CI. Each command sets up ./.venv first (pip, fully pinned by
-# requirements/constraints.txt, torch held at the CPU build so no CUDA wheels are pulled).
+# One entry point for people and CI. Each command but test-a1111 sets up ./.venv first (pip, fully
+# pinned by requirements/constraints.txt, torch held at the CPU build so no CUDA wheels are pulled).
 #
 #   ./dev.sh demo [ARGS]     encode sample images, decode them back, save them with metadata
 #   ./dev.sh test [ARGS]     lint (ruff) and run the test suite (pytest ARGS)
@@ -8,6 +8,12 @@
 #   ./dev.sh py ARGS         run the venv's python (e.g. ./dev.sh py -m lib_vaebatch --help)
 #   ./dev.sh setup           only create/refresh the environment
 #   ./dev.sh setup-gradio4   also create .venv-gradio4 (gradio 4.40, Forge's UI stack) for its tests
+#   ./dev.sh test-a1111 [ARGS]
+#                            the suite on A1111 1.10.1's own stack (Python 3.10, torch 2.1.2 CUDA build
+#                            run on the CPU, gradio 3.41.2, pydantic 1; requirements/constraints-a1111.txt)
+#                            in .venv-a1111 (~5 GB, a few minutes the first time), pytest ARGS; the browser
+#                            and gradio 4 tests are left to `test`. Python 3.10 from $PYTHON310, else
+#                            python3.10 on PATH, else pyenv's; an error if there is none (no skipping).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -50,6 +56,40 @@ setup_gradio4() {
     echo "$want" >"$venv/.vaebatch-stamp"
 }
 
+pick_python310() {
+    local c cands=()
+    if [ -n "${PYTHON310:-}" ]; then
+        cands=("$PYTHON310")
+    else
+        command -v python3.10 >/dev/null 2>&1 && cands+=(python3.10)
+        for c in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.10.*/bin/python; do
+            [ -x "$c" ] && cands+=("$c")
+        done
+    fi
+    for c in "${cands[@]}"; do
+        if "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' >/dev/null 2>&1; then
+            echo "$c"; return
+        fi
+    done
+    echo "dev.sh: test-a1111 needs Python 3.10 (A1111 1.10.1's) and found none${PYTHON310:+ at PYTHON310=$PYTHON310};" \
+        "set PYTHON310=/path/to/python3.10 or install one (e.g. pyenv install 3.10)" >&2
+    exit 1
+}
+
+setup_a1111() {
+    local venv=.venv-a1111 c=requirements/constraints-a1111.txt want py
+    want=$(cat "$c" pyproject.toml | sha256sum | cut -c1-16)
+    if [ -f "$venv/.vaebatch-stamp" ] && [ "$(cat "$venv/.vaebatch-stamp")" = "$want" ]; then return 0; fi
+    if [ ! -x "$venv/bin/python" ]; then
+        py=$(pick_python310)
+        echo "[dev.sh] creating $venv with $py" >&2
+        "$py" -m venv "$venv"
+    fi
+    echo "[dev.sh] installing A1111 1.10.1's stack into $venv" >&2
+    PIP_CONSTRAINT="$PWD/$c" "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+    echo "$want" >"$venv/.vaebatch-stamp"
+}
+
 cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup ;;
@@ -61,7 +101,12 @@ case "$cmd" in
         "$VENV/bin/python" -m ruff format --check .
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    test-a1111)
+        setup_a1111
+        exec .venv-a1111/bin/python -m pytest \
+            --ignore=tests/ui/test_browser.py --ignore=tests/ui/test_gradio4.py "$@"
+        ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
     py) setup; exec "$VENV/bin/python" "$@" ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -288,8 +288,11 @@ def _engine_options(args: argparse.Namespace):  # -> EngineOptions
 
 def _load_backend(args: argparse.Namespace, family: str | None = None):  # -> VAEBackend
     from lib_vaebatch.backends import load_vae
+    from lib_vaebatch.devices import dtype_name, dtype_supported
 
     device, dtype = _device(args), _dtype(args)
+    if dtype is not None and not dtype_supported(device, dtype):
+        raise CliError(f"{dtype_name(dtype)} is not supported on {device} by this torch; use --dtype auto")
     try:
         backend = load_vae(args.vae, family=family or args.family, device=device, dtype=dtype)
     except (ValueError, OSError) as exc:

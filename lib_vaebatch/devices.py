@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -83,18 +84,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` runs natively on ``device`` (bf16 needs compute capability 8 on CUDA)."""
+    """Whether ``dtype`` runs natively on ``device`` (bf16 needs compute capability 8 on CUDA).
+
+    On other devices the answer comes from running the VAE's kernels once on a tiny input (cached):
+    torch 2.1, which A1111 1.10.1 ships, has no fp16 convolution, GroupNorm or upsampling on the CPU
+    (``"slow_conv2d_cpu" not implemented for 'Half'``), later releases do; bf16 on MPS depends on the
+    release and the macOS version."""
     if dtype not in _ROBUSTNESS:
         return False
     if device.type == "cuda":
         if dtype == torch.bfloat16:
             return torch.cuda.get_device_capability(device)[0] >= 8
         return True
-    if device.type == "mps":
-        return dtype in (torch.float16, torch.float32) or (
-            dtype == torch.bfloat16 and torch.__version__ >= "2.3"  # bf16 on MPS arrived in 2.3
-        )
-    return True
+    if dtype in (torch.float32, torch.float64) and device.type == "cpu":
+        return True
+    return _runs_vae_kernels(str(device), dtype)
+
+
+@functools.cache
+def _runs_vae_kernels(device: str, dtype: torch.dtype) -> bool:
+    """Try the ops an AutoencoderKL is made of (conv, GroupNorm, SiLU, nearest upsampling, the
+    attention's matmul and softmax) in ``dtype`` on ``device``."""
+    import torch.nn.functional as F
+
+    try:
+        x = torch.ones(1, 4, 4, 4, device=device, dtype=dtype)
+        w = torch.ones(4, 4, 3, 3, device=device, dtype=dtype)
+        h = F.silu(F.group_norm(F.conv2d(x, w, padding=1), 2))
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        q = h.flatten(2).transpose(1, 2)
+        out = torch.bmm(q.transpose(1, 2), q).softmax(dim=-1)
+        return bool(torch.isfinite(out).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def _cgroup_free() -> int | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from lib_vaebatch.backends.base import Moments, Op, VAEBackend
@@ -50,9 +53,65 @@ def tiny_backend(latent_channels: int = 4, *, family: str | None = None, seed: i
     return DiffusersVAE(module, fam, name=f"tiny-{fam.name}")
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, which is Python 3.11+; on 3.10 (A1111's) the same ``__notes__`` list,
+    which pytest shows there too."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)  # novermin - guarded by the version check above
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+
+
+def cpu_runs_fp16() -> bool:
+    """Whether this torch has fp16 convolution, GroupNorm and upsampling on the CPU (torch 2.1, which
+    A1111 1.10.1 ships, has none: ``"slow_conv2d_cpu" not implemented for 'Half'``). Probed by running
+    them, independently of the engine's own probe, which a test compares with this one."""
+    import torch.nn.functional as F
+
+    x = torch.ones(1, 4, 4, 4, dtype=torch.float16)
+    try:
+        y = F.group_norm(F.conv2d(x, torch.ones(4, 4, 3, 3, dtype=torch.float16), padding=1), 2)
+        F.interpolate(y, scale_factor=2.0, mode="nearest")
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_fp16_cpu = pytest.mark.skipif(
+    not cpu_runs_fp16(), reason="this torch has no fp16 conv/GroupNorm/upsampling on the CPU (torch 2.1)"
+)
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """How to make :func:`overflowing_backend` overflow: samples multiplied by ``factor`` decode to
+    non-finite values in ``dtype`` and to finite ones in ``rung``, the next precision up, that has
+    more range; other samples are finite in both."""
+
+    dtype: torch.dtype
+    rung: torch.dtype
+    factor: float
+
+    @property
+    def names(self) -> tuple[str, str]:
+        from lib_vaebatch.devices import dtype_name
+
+        return dtype_name(self.dtype), dtype_name(self.rung)
+
+
+#: Every precision pair whose overflow the CPU can compute for real: fp16 -> bf16 where this torch
+#: has fp16 kernels on the CPU, and always fp32 -> fp64 (latents x1e37 overflow fp32's 3.4e38 in the
+#: scaled-up input conv; fp64 holds them).
+OVERFLOWS = [
+    pytest.param(Overflow(torch.float16, torch.bfloat16, 40.0), marks=needs_fp16_cpu, id="fp16-bf16"),
+    pytest.param(Overflow(torch.float32, torch.float64, 1e37), id="fp32-fp64"),
+]
+
+
 def overflowing_backend(seed: int = 0) -> DiffusersVAE:
-    """A tiny VAE whose decoder input conv is scaled up so that fp16 activations overflow (NaN in
-    the output) for latents of large magnitude, while bf16 and fp32 stay finite."""
+    """A tiny VAE whose decoder input conv is scaled up so that activations overflow (NaN in the
+    output) for latents of large magnitude: x40 overflows fp16 while bf16 and fp32 stay finite,
+    x1e37 overflows fp32 (and bf16) while fp64 stays finite (see :data:`OVERFLOWS`)."""
     vae = tiny_backend(seed=seed)
     with torch.no_grad():
         vae.module.decoder.conv_in.weight.mul_(3000.0)

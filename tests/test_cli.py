@@ -16,7 +16,14 @@ from safetensors.torch import save_file
 from lib_vaebatch import infotext
 from lib_vaebatch.latents import LatentBatch, read_latents, write_comfy_latent, write_latents
 from lib_vaebatch.saving import read_infotext
-from tests.support import marked_latents, overflowing_backend, save_module, tiny_autoencoder
+from tests.support import (
+    OVERFLOWS,
+    cpu_runs_fp16,
+    marked_latents,
+    overflowing_backend,
+    save_module,
+    tiny_autoencoder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,10 +135,12 @@ def test_input_errors_are_one_line_and_write_nothing(tmp_path, vae_file, make, w
     assert not (tmp_path / "out").exists()
 
 
-def test_failure_during_decode_keeps_the_good_images_and_exits_non_zero(tmp_path):
-    vae_path = save_module(overflowing_backend().module, tmp_path / "fp16-overflow.safetensors")
+@pytest.mark.parametrize("ov", OVERFLOWS)
+def test_failure_during_decode_keeps_the_good_images_and_exits_non_zero(tmp_path, ov):
+    low, high = ov.names
+    vae_path = save_module(overflowing_backend().module, tmp_path / "overflow.safetensors")
     z = marked_latents(4, scale=0.5)
-    z[2] *= 40
+    z[2] *= ov.factor
     lat = write_latents(tmp_path / "l.safetensors", LatentBatch(z))
     failed = run_cli(
         "decode",
@@ -141,7 +150,7 @@ def test_failure_during_decode_keeps_the_good_images_and_exits_non_zero(tmp_path
         "--vae",
         vae_path,
         "--dtype",
-        "fp16",
+        low,
         "--ladder",
         "",
         "--no-progress",
@@ -151,12 +160,40 @@ def test_failure_during_decode_keeps_the_good_images_and_exits_non_zero(tmp_path
     assert "sample 2 failed" in failed.stderr and "NaN" in failed.stderr and "Traceback" not in failed.stderr
 
     recovered = run_cli(
-        "decode", lat, "-o", tmp_path / "b", "--vae", vae_path, "--dtype", "fp16", "--no-progress"
+        "decode",
+        lat,
+        "-o",
+        tmp_path / "b",
+        "--vae",
+        vae_path,
+        "--dtype",
+        low,
+        "--ladder",
+        "bf16,fp32,fp64",  # the default plus fp64, a rung for the fp32 case
+        "--no-progress",
     )
     assert recovered.returncode == 0, recovered.stderr
     assert len(os.listdir(tmp_path / "b")) == 4
     status = infotext.parse(read_infotext(tmp_path / "b" / "00002-l-2.png")).params["VAE Batch"]
-    assert status == "recovered bf16"
+    assert status == f"recovered {high}"
+
+
+def test_a_dtype_the_device_cannot_run_is_a_one_line_error(tmp_path, vae_file):
+    """fp16 on the CPU: decodes where this torch has the kernels, else exit 2 before loading."""
+    lat = write_latents(tmp_path / "l.safetensors", LatentBatch(marked_latents(1)))
+    args = ("decode", lat, "-o", tmp_path / "out", "--vae", vae_file, "--device", "cpu", "--dtype", "fp16")
+    proc = run_cli(*args, "--no-progress")
+    if cpu_runs_fp16():
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(tmp_path / "out") == ["00000-l-0.png"]
+    else:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert (
+            proc.stderr.strip()
+            .splitlines()[-1]
+            .endswith("fp16 is not supported on cpu by this torch; use --dtype auto")
+        )
+        assert not (tmp_path / "out").exists()
 
 
 def test_pattern_format_and_carried_parameters(tmp_path):

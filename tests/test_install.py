@@ -23,7 +23,12 @@ def install(monkeypatch):
 
 
 def _pyproject_dependencies() -> list[str]:
-    import tomllib  # novermin - the test runs on 3.11+; install.py itself does not use it
+    # tomllib is 3.11+; A1111's Python 3.10 gets tomli (the test extra pins it there). install.py
+    # itself parses neither: it runs inside the webui before anything is installed.
+    if sys.version_info >= (3, 11):
+        import tomllib  # novermin - guarded by the version check above
+    else:
+        import tomli as tomllib
 
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 

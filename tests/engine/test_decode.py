@@ -10,7 +10,18 @@ from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import Status
 from lib_vaebatch.families import to_raw
-from tests.support import OOMAbove, Recorder, identify, marked_latents, overflowing_backend, tiny_backend
+from tests.support import (
+    OVERFLOWS,
+    OOMAbove,
+    Recorder,
+    identify,
+    marked_latents,
+    overflowing_backend,
+    tiny_backend,
+)
+
+#: The default ladder plus fp64, so that a fp32 VAE has a rung to recover in (see OVERFLOWS).
+LADDER = ("bf16", "fp32", "fp64")
 
 
 @pytest.fixture(scope="module")
@@ -52,53 +63,60 @@ def test_cpu_plans_one_sample_per_chunk_for_conv_vaes(vae):
     assert result.chunk_sizes == [1, 1, 1]  # batching gains nothing on CPU (measured; see docs)
 
 
-def test_nan_from_fp16_overflow_is_recovered_and_only_those_samples_rerun():
+@pytest.mark.parametrize("ov", OVERFLOWS)
+def test_nan_from_overflow_is_recovered_and_only_those_samples_rerun(ov):
+    low, high = ov.names
     vae = overflowing_backend()
     latents = marked_latents(6, scale=0.5)
-    latents[1] *= 40  # these two overflow in fp16 (and only in fp16)
-    latents[4] *= 40
+    latents[1] *= ov.factor  # these two overflow in ov.dtype (and not in ov.rung)
+    latents[4] *= ov.factor
+    vae.set_dtype(torch.float64)
     reference = decode_latents(vae, latents, options=EngineOptions(max_chunk=2))
-    assert all(r.status is Status.OK for r in reference.reports), "fp32 reference must be finite"
+    assert all(r.status is Status.OK for r in reference.reports), "fp64 reference must be finite"
 
-    vae.set_dtype(torch.float16)
+    vae.set_dtype(ov.dtype)
     rec = Recorder(vae)
-    opts = EngineOptions(max_chunk=2, escalate_remaining=False)
+    opts = EngineOptions(max_chunk=2, escalate_remaining=False, ladder=LADDER)
     result = decode_latents(rec, latents, options=opts)
 
     statuses = [r.status for r in result.reports]
     assert statuses == [Status.OK, Status.RECOVERED, Status.OK, Status.OK, Status.RECOVERED, Status.OK]
-    assert result.reports[1].dtype == "bf16" and "non-finite in fp16" in result.reports[1].message
-    # Each sample decoded once, the two overflowing ones once more (in bf16), nothing else.
+    assert result.reports[1].dtype == high and f"non-finite in {low}" in result.reports[1].message
+    # Each sample decoded once, the two overflowing ones once more (in the rung), nothing else.
     seen = identify(rec.decoded_markers(), latents, vae.scaling_factor)
     assert sorted(seen) == [0, 1, 1, 2, 3, 4, 4, 5]
     redecoded = [
         i
         for calls in rec.calls
-        if calls[1] == torch.bfloat16
+        if calls[1] == ov.rung
         for i in identify(calls[2], latents, vae.scaling_factor)
     ]
     assert sorted(redecoded) == [1, 4]
     for i in range(6):
         out = result.outputs[i]
         assert out is not None and torch.isfinite(out).all()
-        assert (out - reference.outputs[i]).abs().max() < 0.1  # fp16/bf16 vs fp32
-    assert vae.dtype == torch.float16, "the original precision is restored after the job"
-    assert result.summary() == "chunk 2, recovered bf16 ×2"
+        assert (out - reference.outputs[i]).abs().max() < 0.1  # fp16/bf16/fp32 vs fp64
+    assert vae.dtype == ov.dtype, "the original precision is restored after the job"
+    assert result.summary() == f"chunk 2, recovered {high} ×2"
 
 
-def test_escalation_runs_the_rest_in_the_recovered_precision_and_can_stick():
+@pytest.mark.parametrize("ov", OVERFLOWS)
+def test_escalation_runs_the_rest_in_the_recovered_precision_and_can_stick(ov):
+    high = ov.names[1]
     vae = overflowing_backend()
     latents = marked_latents(4, scale=0.5)
-    latents[0] *= 40
-    vae.set_dtype(torch.float16)
+    latents[0] *= ov.factor
+    vae.set_dtype(ov.dtype)
     rec = Recorder(vae)
     result = decode_latents(
-        rec, latents, options=EngineOptions(chunk_mode="per-sample", keep_recovered_dtype=True)
+        rec,
+        latents,
+        options=EngineOptions(chunk_mode="per-sample", keep_recovered_dtype=True, ladder=LADDER),
     )
-    assert [r.dtype for r in result.reports] == ["bf16"] * 4
+    assert [r.dtype for r in result.reports] == [high] * 4
     assert [r.status for r in result.reports] == [Status.RECOVERED, Status.OK, Status.OK, Status.OK]
-    assert len(rec.calls) == 5  # sample 0 twice, then 1..3 straight in bf16
-    assert vae.dtype == torch.bfloat16, "keep_recovered_dtype leaves the VAE in the recovered precision"
+    assert len(rec.calls) == 5  # sample 0 twice, then 1..3 straight in the recovered precision
+    assert vae.dtype == ov.rung, "keep_recovered_dtype leaves the VAE in the recovered precision"
 
 
 def test_partial_nan_anywhere_in_a_sample_is_caught(vae):
@@ -114,11 +132,12 @@ def test_partial_nan_anywhere_in_a_sample_is_caught(vae):
     assert "no more robust precision" in result.reports[0].message
 
 
-def test_sample_that_stays_non_finite_fails_alone_and_others_are_kept():
+@pytest.mark.parametrize("ov", OVERFLOWS)
+def test_sample_that_stays_non_finite_fails_alone_and_others_are_kept(ov):
     vae = overflowing_backend()
     latents = marked_latents(3, scale=0.5)
-    latents[1] *= 40
-    vae.set_dtype(torch.float16)
+    latents[1] *= ov.factor
+    vae.set_dtype(ov.dtype)
     result = decode_latents(vae, latents, options=EngineOptions(ladder=()))
     assert [r.status for r in result.reports] == [Status.OK, Status.FAILED, Status.OK]
     assert result.outputs[1] is None and result.outputs[0] is not None and result.outputs[2] is not None

@@ -6,10 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lib_vaebatch.backends import ApproxVAE
-from lib_vaebatch.devices import dtype_name, free_memory, is_oom, parse_dtype, robustness
+from lib_vaebatch.devices import (
+    dtype_name,
+    dtype_supported,
+    free_memory,
+    is_oom,
+    parse_dtype,
+    robustness,
+)
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import estimate_bytes, plan_chunk
-from tests.support import Recorder, tiny_backend
+from tests.support import Recorder, cpu_runs_fp16, tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,15 @@ def test_dtype_names_and_ladder_order():
     assert robustness(torch.float16) < robustness(torch.bfloat16) < robustness(torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("fp8")
+
+
+def test_dtype_support_on_the_cpu_is_what_its_kernels_run():
+    """torch 2.1 (A1111 1.10.1's) has no fp16 conv/GroupNorm/upsampling on the CPU: fp16 must not be
+    offered there (the CLI and the app refuse it, the ladder skips it); later releases run it."""
+    cpu = torch.device("cpu")
+    assert dtype_supported(cpu, torch.float16) is cpu_runs_fp16()
+    assert dtype_supported(cpu, torch.bfloat16) and dtype_supported(cpu, torch.float32)
+    assert dtype_supported(cpu, torch.float64) and not dtype_supported(cpu, torch.int8)
 
 
 def test_options_validate_and_take_names():

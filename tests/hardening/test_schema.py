@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from tests.hardening.conftest import url
+from tests.support import add_note
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -67,5 +68,5 @@ def test_every_operation_conforms_to_its_schema(api_schema, api_server, mode) ->
             # media types); the positive run still covers those operations.
             assert mode == "negative" and op.path not in CORE, op.path
         except Exception as exc:
-            exc.add_note(f"operation: {op.method.upper()} {op.path} ({mode})")
+            add_note(exc, f"operation: {op.method.upper()} {op.path} ({mode})")
             raise

@@ -44,15 +44,29 @@ class LdmAutoencoderKL(ReplicaAutoencoderKL):
         return super().decode(z)
 
 
-def ldm_vae(seed: int = 0, *, overflow: bool = False) -> LdmAutoencoderKL:
+def ldm_vae(seed: int = 0, *, overflow: str | None = None) -> LdmAutoencoderKL:
+    """The ldm-layout tiny VAE; ``overflow="fp16"`` or ``"bf16"`` makes its decodes non-finite in that
+    precision, for real, while fp32 stays finite."""
     replica = replica_from(tiny_autoencoder(4, seed=seed))
     vae = LdmAutoencoderKL((32, 64, 64, 64), 1, 4)
     vae.load_state_dict(replica.state_dict())
     vae.decode_calls = []
-    if overflow:  # fp16 activations overflow (NaN), bf16/fp32 stay finite
-        with torch.no_grad():
+    with torch.no_grad():
+        if overflow == "fp16":  # activations overflow fp16's 65504 (NaN), bf16/fp32 stay finite
             vae.decoder.conv_in.weight.mul_(1e5)
             vae.decoder.conv_in.bias.mul_(1e5)
+        elif overflow == "bf16":
+            # bf16 has fp32's exponent range, so activations that overflow it overflow fp32 too; what
+            # it cannot hold is a result between its largest finite value (3.3895e38) and fp32's
+            # (3.4028e38): it rounds to Inf. The last conv's red channel gets one: bf16's largest
+            # finite bias plus 1e35 times a constant 10 (a norm_out channel with weight 0, bias 10).
+            top = torch.finfo(torch.bfloat16).max
+            vae.decoder.norm_out.weight[0], vae.decoder.norm_out.bias[0] = 0.0, 10.0
+            vae.decoder.conv_out.weight[:, 0] = 0.0
+            vae.decoder.conv_out.weight[0, 0, 1, 1] = 1e35
+            vae.decoder.conv_out.bias[0] = top  # 3.3895e38 + ~1e36: finite in fp32, Inf in bf16
+        elif overflow is not None:
+            raise ValueError(f"overflow is fp16 or bf16, not {overflow!r}")
     return vae.eval().requires_grad_(False)
 
 

@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
+from lib_vaebatch.devices import dtype_name
 from lib_vaebatch.latents import read_latents
+from tests.support import needs_fp16_cpu
 
 ON = {"VAE Batch": {"args": [True]}}
 
@@ -110,17 +112,24 @@ def test_unet_nan_in_the_hires_first_pass_raises_the_webui_exception(webui):
     assert webui.processing.decode_latent_batch is webui.original_decode
 
 
-def test_vae_nan_is_recovered_for_the_job_and_the_precision_restored(webui):
+@pytest.mark.parametrize(
+    "precision",
+    [pytest.param(torch.float16, marks=needs_fp16_cpu, id="fp16"), pytest.param(torch.bfloat16, id="bf16")],
+)
+def test_vae_nan_is_recovered_for_the_job_and_the_precision_restored(webui, precision):
     sd = webui.shared
-    sd.sd_model = webui.models.LatentDiffusion(webui.models.ldm_vae(overflow=True))
-    sd.sd_model.first_stage_model.to(torch.float16)
-    webui.devices.dtype_vae = torch.float16
+    vae = webui.models.ldm_vae(overflow=dtype_name(precision))
+    with torch.no_grad():
+        assert not torch.isfinite(vae.to(precision).decode(torch.randn(1, 4, 8, 8, dtype=precision))).all()
+    vae.decode_calls.clear()
+    sd.sd_model = webui.models.LatentDiffusion(vae)
+    webui.devices.dtype_vae = precision
     _, res = webui.run(alwayson=ON, batch_size=2)
     images = _stack(res)
     assert torch.isfinite(images).all()
     assert all("VAE Batch: recovered fp32" in t for t in res.infotexts), res.infotexts
-    assert sd.sd_model.first_stage_model.dtype == torch.float16, "restored after the job"
-    assert webui.devices.dtype_vae == torch.float16
+    assert sd.sd_model.first_stage_model.dtype == precision, "restored after the job"
+    assert webui.devices.dtype_vae == precision
     # The setting "keep recovered precision" makes it stick, and devices.dtype_vae follows.
     keep = [True, 0, True, "webui settings", True]
     _, res = webui.run(alwayson={"VAE Batch": {"args": keep}}, batch_size=1)
