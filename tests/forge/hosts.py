@@ -130,16 +130,16 @@ class FakeInitialModel:
     first_stage_model = None
 
 
-def ldm_state(seed: int = 0, *, overflow: bool = False) -> dict[str, torch.Tensor]:
-    """A tiny VAE's weights in ldm naming (the tests' usual tiny VAE); ``overflow``: fp16
-    activations overflow (conv_in ×1e5), bf16/fp32 stay finite."""
+def ldm_state(seed: int = 0, *, overflow: str | None = None) -> dict[str, torch.Tensor]:
+    """A tiny VAE's weights in ldm naming (the tests' usual tiny VAE); ``overflow``: "fp16" or
+    "bf16", the precision whose activations overflow (the more robust ones stay finite)."""
     from tests.webui.fakemodels import ldm_vae
 
     return {k: v.clone() for k, v in ldm_vae(seed, overflow=overflow).state_dict().items()}
 
 
 def build_model(
-    variant: Variant, *, seed: int = 0, overflow: bool = False, dtype: torch.dtype | None = None
+    variant: Variant, *, seed: int = 0, overflow: str | None = None, dtype: torch.dtype | None = None
 ) -> Any:
     """The model the variant's loader would build for a tiny SD1 checkpoint."""
     state = ldm_state(seed, overflow=overflow)
