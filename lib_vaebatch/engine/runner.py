@@ -111,7 +111,7 @@ class BatchRunner:
         start = time.perf_counter()
         start_dtype = self.backend.dtype
         try:
-            with self.backend.inference(), self.backend.prepare_for_speed():
+            with self.backend.inference(), self.backend.prepare_for_speed(self._layout()):
                 # Look one chunk ahead only where copies are asynchronous: chunk k is checked while
                 # chunk k+1 runs. (On the CPU nothing would overlap, so precision escalation
                 # after a recovery applies from the very next chunk, as in A1111.)
@@ -136,6 +136,12 @@ class BatchRunner:
             end_dtype=dtype_name(self.backend.dtype),
             seconds=time.perf_counter() - start,
         )
+
+    def _layout(self) -> str:
+        # per-sample mode promises A1111's outputs bit for bit: the module's own layout.
+        if self.options.cpu_layout == "auto" and self.options.chunk_mode == "per-sample":
+            return "contiguous"
+        return self.options.cpu_layout
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, remaining: int) -> Plan:
