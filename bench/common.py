@@ -29,11 +29,21 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": load_average(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def sd_vae(latent_channels: int = 4, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
