@@ -63,6 +63,30 @@ def sd_vae(latent_channels: int = 4, seed: int = 0, device: str = "cpu", dtype: 
     return DiffusersVAE(module, fam, name=f"sd-architecture-{fam.name}-random")
 
 
+def tiny_vae(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A small real AutoencoderKL (widths 32, 64, 64, 64; one layer per block; 1/8 latents) as our
+    backend: for dry runs of the benchmarks, where the SD-size VAE would only cost time."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    from lib_vaebatch.backends.diffusers_vae import DiffusersVAE
+    from lib_vaebatch.families import get_family
+
+    diffusers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    widths = (32, 64, 64, 64)
+    module = AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    return DiffusersVAE(module, get_family("sd1"), name="tiny-random")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

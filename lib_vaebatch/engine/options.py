@@ -40,6 +40,9 @@ class EngineOptions:
     escalate_remaining: bool = True
     #: Where finished samples go: "cpu" (default; pinned, overlapped copies on CUDA) or "device".
     offload: str = "cpu"
+    #: From CUDA to the CPU: copy through pinned buffers on a side stream, overlapping the next
+    #: chunk (False: plain synchronous copies, for comparison).
+    overlap_offload: bool = True
     #: dtype of returned samples.
     output_dtype: str = "fp32"
     #: "auto": tiles only when needed (OOM at chunk 1, or one sample over budget); "always"; "never".

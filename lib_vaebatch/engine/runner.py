@@ -104,7 +104,9 @@ class BatchRunner:
         self._tile_cap: int | None = None  # tile-size limit learnt from an out-of-memory error
         self._cancelled = False
         target = backend.device if self.options.offload == "device" else resolve_device(self.options.offload)
-        self._offloader = Offloader(backend.device, target, self.options.out_dtype)
+        self._offloader = Offloader(
+            backend.device, target, self.options.out_dtype, overlap=self.options.overlap_offload
+        )
 
     # -- public --------------------------------------------------------------------------------
     def run(self) -> BatchResult:
