@@ -7,6 +7,8 @@ names: the first calls of each ``(module, op, input shape, dtype, device)`` alte
 candidate layouts (A B B A), each call is timed, and the layout with the lowest time is kept for
 every later call in this process. The probe runs on the job's own samples, so it costs no extra
 decode; a candidate other than the first (the module as it is) must win by ``margin`` to be kept.
+Only decodes are probed: "auto" encodes run as the module is, so latents files stay bit-for-bit
+reproducible (``channels-last`` can still be asked for).
 
 A job switches layouts through :class:`LayoutScope`: channels-last copies of the op's 4-D weights
 are put in place of the originals for the job and the very same original tensors are put back when
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -166,8 +169,20 @@ class LayoutTuner:
                 self._probes.pop(module, None)
 
 
+#: ``VAEBATCH_CPU_LAYOUT=contiguous`` (or ``channels-last``) fixes the layout of every "auto" job in
+#: the process: no probe, so repeated runs are bit-for-bit reproducible (the test suite sets it).
+LAYOUT_ENV = "VAEBATCH_CPU_LAYOUT"
+
+
+def default_candidates() -> tuple[Layout, ...]:
+    fixed = os.environ.get(LAYOUT_ENV, "").strip().lower()
+    if fixed in LAYOUTS:
+        return (LAYOUTS[fixed],)
+    return CPU_CANDIDATES
+
+
 #: The process-wide tuner the backends use by default.
-TUNER = LayoutTuner()
+TUNER = LayoutTuner(default_candidates())
 
 
 # -- channels-last weight copies ------------------------------------------------------------------
@@ -245,6 +260,7 @@ class LayoutScope:
         *,
         tuner: LayoutTuner | None = None,
         choice: LayoutChoice = "auto",
+        probe_ops: tuple[str, ...] = ("decode",),
     ) -> None:
         if choice != "auto" and choice not in LAYOUTS:
             raise ValueError(f"layout must be auto, contiguous or channels-last, not {choice!r}")
@@ -252,6 +268,7 @@ class LayoutScope:
         self.parts = parts
         self.tuner = tuner or TUNER
         self.choice = choice
+        self.probe_ops = probe_ops
         # id(parameter) -> (the parameter, its original tensor, the copy put in its place)
         self._swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         self._used_ops: set[str] = set()
@@ -267,8 +284,11 @@ class LayoutScope:
         if not self.enabled:
             return fn(x)
         key: Key = (op, tuple(x.shape), x.dtype, x.device)
-        if self.choice == "auto":
+        probing = self.choice == "auto" and op in self.probe_ops
+        if probing:
             layout = self.tuner.next_layout(self.module, key)
+        elif self.choice == "auto":
+            layout = CONTIGUOUS
         else:
             layout = LAYOUTS[self.choice]
         self._used_ops.add(op)
@@ -279,7 +299,7 @@ class LayoutScope:
         clock = self.tuner.clock
         start = clock()
         out = self._call(layout, x, fn)
-        if self.choice == "auto":
+        if probing:
             self.tuner.record(self.module, key, layout, clock() - start)
         return out
 

@@ -268,6 +268,27 @@ def test_per_sample_mode_keeps_the_modules_layout():
     assert clock.seen == [False] * 3
 
 
+def test_auto_encodes_are_not_probed():
+    vae = tiny_backend()
+    now = [0.0]
+    vae.tuner = LayoutTuner(clock=lambda: now[0])
+    seen: list[bool] = []
+    vae.module.encoder.conv_in.register_forward_pre_hook(
+        lambda m, a: seen.append(m.weight.is_contiguous(memory_format=CL))
+    )
+    encode_pixels(vae, torch.zeros(3, 3, 64, 64))
+    assert seen == [False] * 3
+
+
+def test_the_environment_can_fix_the_layout(monkeypatch):
+    from lib_vaebatch.engine.layout import default_candidates
+
+    monkeypatch.setenv("VAEBATCH_CPU_LAYOUT", "channels-last")
+    assert default_candidates() == (CHANNELS_LAST,)
+    monkeypatch.setenv("VAEBATCH_CPU_LAYOUT", "")
+    assert default_candidates() == (CONTIGUOUS, CHANNELS_LAST)
+
+
 def test_unknown_layout_is_rejected():
     with pytest.raises(ValueError, match="cpu_layout"):
         EngineOptions(cpu_layout="nhwc")  # type: ignore[arg-type]
