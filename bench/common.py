@@ -18,13 +18,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        have = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        flags = [x for x in have if x.startswith(("avx", "amx", "fma"))]  # recorded, never decided on
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_vector_flags": flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
