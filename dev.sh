@@ -14,6 +14,8 @@
 #                            in .venv-a1111 (~5 GB, a few minutes the first time), pytest ARGS; the browser
 #                            and gradio 4 tests are left to `test`. Python 3.10 from $PYTHON310, else
 #                            python3.10 on PATH, else pyenv's; an error if there is none (no skipping).
+#   ./dev.sh gpu-check [ARGS] on a CUDA machine: gpu tests + GPU benchmark with PASS/FAIL verdicts
+#                            (bench/gpu_check.py; exit 3 at once where there is no CUDA device)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -90,6 +92,38 @@ setup_a1111() {
     echo "$want" >"$venv/.vaebatch-stamp"
 }
 
+# A CUDA device, seen without importing torch (the CPU venv's torch cannot tell a GPU exists).
+has_nvidia_device() {
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then return 0; fi
+    compgen -G '/dev/nvidia[0-9]*' >/dev/null
+}
+
+# .venv-gpu: the same pins, but torch as the CUDA build of the same version from the default index.
+setup_gpu() {
+    local venv="${VAEBATCH_GPU_VENV:-.venv-gpu}" c=requirements/constraints-gpu.txt want
+    want=$(cat "$c" pyproject.toml | sha256sum | cut -c1-16)
+    if [ -f "$venv/.vaebatch-stamp" ] && [ "$(cat "$venv/.vaebatch-stamp")" = "$want" ]; then return 0; fi
+    [ -x "$venv/bin/python" ] || "$(pick_python)" -m venv "$venv"
+    echo "[dev.sh] installing the CUDA torch build and pinned dependencies into $venv" >&2
+    PIP_CONSTRAINT="$PWD/$c" "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+    "$venv/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' \
+        || { echo "dev.sh: $venv got a torch without CUDA ($("$venv/bin/python" -c 'import torch; print(torch.__version__)'))" >&2; exit 1; }
+    echo "$want" >"$venv/.vaebatch-stamp"
+}
+
+gpu_check() {
+    local started; started=$(date +%s.%N)
+    for a in "$@"; do
+        if [ "$a" = "--dry-run" ]; then setup; exec "$VENV/bin/python" bench/gpu_check.py "$@"; fi
+    done
+    if ! has_nvidia_device; then
+        echo "gpu-check: no CUDA device (no nvidia-smi GPU, no /dev/nvidia*); nothing was installed or run" >&2
+        exit 3
+    fi
+    setup_gpu
+    exec "${VAEBATCH_GPU_VENV:-.venv-gpu}/bin/python" bench/gpu_check.py --started "$started" "$@"
+}
+
 cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup ;;
@@ -107,6 +141,8 @@ case "$cmd" in
             --ignore=tests/ui/test_browser.py --ignore=tests/ui/test_gradio4.py "$@"
         ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
+    gpu-check) gpu_check "$@" ;;
     py) setup; exec "$VENV/bin/python" "$@" ;;
     *) sed -n '2,16p' "$0"; exit 2 ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

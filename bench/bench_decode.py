@@ -1,9 +1,17 @@
-"""Decode throughput of the engine at its default settings against A1111's per-sample loop and one
-whole-batch decode: same weights, dtype and attention kernel, in one process, median of N runs,
+"""Decode throughput of the engine at its default settings against A1111's per-sample loop, one
+whole-batch decode, and a plain channels-last decode (the whole batch through a copy of the module
+converted to channels_last once, input channels_last, under torch.inference_mode: what a tuned
+diffusers user writes): same weights, dtype and attention kernel, in one process, median of N runs,
 methods interleaved within each repeat (in rotating order) so drift hits them alike.
 
     ./dev.sh bench                         # CPU: 256 and 512, batch 1/4/8, 3 repeats
     ./dev.sh bench --sizes 256 --batches 1 4 --repeats 3 --name quick
+
+Before the measured runs, each method decodes once at each size, and the engine runs until its
+CPU layout probe (lib_vaebatch/layout.py) has decided for that shape: first-call costs and
+the probe, which a long-running process pays once, are out of the measurement. The JSON records
+the machine (CPU model, cores, torch version and threads, load average before and after), the
+engine's layout decision and the largest difference between the engine's and the other outputs.
 
 Writes bench/results/<name>.json and .md. Not part of the tests or CI.
 """
@@ -11,6 +19,7 @@ Writes bench/results/<name>.json and .md. Not part of the tests or CI.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -19,13 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import a1111_decode_latent_batch
-from bench.common import machine, median, sd_vae, timed, write
+from bench.common import RESULTS, load_average, machine, median, sd_vae, timed, write
 from lib_vaebatch.devices import default_dtype, dtype_name, parse_dtype, resolve_device
 from lib_vaebatch.engine.decode import decode_latents
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import to_raw
 
-METHODS = ("engine", "a1111_per_sample", "whole_batch")
+METHODS = ("engine", "a1111_per_sample", "whole_batch", "plain_channels_last")
 
 
 def main() -> int:
@@ -36,6 +45,9 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--name", default=None, help="result file name (default decode-<device>)")
+    ap.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="which to time (engine always)"
+    )
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -59,71 +71,138 @@ def main() -> int:
             z = to_raw(lat.to(device, dtype), vae.scaling_factor, vae.shift_factor)
             return vae.decode(z).to("cpu")
 
-    fns = {"engine": engine, "a1111_per_sample": a1111, "whole_batch": whole}
-    rows = []
+    # The plain channels-last decode gets its own copy of the module, converted once (the engine
+    # and A1111's loop keep using the original, contiguous one).
+    plain_module = copy.deepcopy(vae.module)
+    torch.nn.Module.to(plain_module, memory_format=torch.channels_last)
+
+    def plain_cl(lat: torch.Tensor) -> object:
+        with torch.inference_mode():
+            z = to_raw(lat.to(device, dtype), vae.scaling_factor, vae.shift_factor)
+            z = z.contiguous(memory_format=torch.channels_last)
+            return plain_module.decode(z, return_dict=False)[0].to("cpu")
+
+    every = {
+        "engine": engine,
+        "a1111_per_sample": a1111,
+        "whole_batch": whole,
+        "plain_channels_last": plain_cl,
+    }
+    methods = tuple(m for m in METHODS if m == "engine" or m in args.methods)
+    fns = {m: every[m] for m in methods}
+    load_before = load_average()
+    rows: list[dict] = []
+    name = args.name or f"decode-{device.type}"
+
+    def report(final: bool) -> str:
+        info = machine()
+        info["load_average_before"] = load_before
+        where = info.get("gpu", info["cpu"]) if device.type == "cuda" else info["cpu"]
+        lines = [
+            (
+                f"Decode throughput, SD-architecture VAE (random weights), {dtype_name(dtype)} "
+                f"on {device.type} "
+                f"({where}), torch {info['torch']}, median of {args.repeats}."
+            ),
+            "",
+            (
+                f"Load average before/after: {load_before} / {load_average()} (1/5/15 min); "
+                f"{info['cores']} cores, {info['torch_threads']} torch threads."
+            ),
+            "",
+            (
+                "| size | batch | engine layout | engine s | A1111 loop s | whole batch s | plain CL s "
+                "| engine / A1111 | engine / plain CL | engine / whole |"
+            ),
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            m = r["median"]
+            cells = [f"{m[k]:.2f}" if k in m else "-" for k in METHODS]
+            ratios = [
+                f"{r[k]:.3f}×" if r[k] is not None else "-"
+                for k in ("engine_vs_a1111", "engine_vs_plain_channels_last", "engine_vs_whole")
+            ]
+            lines.append(
+                f"| {r['size']}² | {r['batch']} | {r['engine_layout'] or '-'} | "
+                + " | ".join(cells + ratios)
+                + " |"
+            )
+        table = "\n".join(lines)
+        payload = {
+            "benchmark": "decode",
+            "machine": info,
+            "device": str(device),
+            "dtype": dtype_name(dtype),
+            "repeats": args.repeats,
+            "rows": rows,
+        }
+        payload["complete"] = final
+        write(name, payload, table)
+        return table
+
     for size in args.sizes:
         warm = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
         for fn in fns.values():
             fn(warm)  # first-call costs (allocator, autotuning) out of the measurement
+        key = ("decode", (1, 4, size // 8, size // 8), dtype, device)
+        for _ in range(8):  # the engine's layout probe: a few real decodes, once per process
+            if vae.tuner.decision(vae.module, key) is not None or device.type != "cpu":
+                break
+            engine(warm)
+        decision = vae.tuner.decision(vae.module, key)
+        # On one sample at the first size (three more decodes there; the layouts do not change
+        # with the size).
+        accuracy = _accuracy(engine, a1111, plain_cl, warm) if size == args.sizes[0] else None
         for batch in args.batches:
             lat = torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(batch))
-            times: dict[str, list[float]] = {m: [] for m in METHODS}
+            times: dict[str, list[float]] = {m: [] for m in methods}
             for r in range(args.repeats):
-                order = (
-                    METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
-                )  # rotate: no method always first
+                order = methods[r % len(methods) :] + methods[: r % len(methods)]  # no method always first
                 for m in order:
                     times[m].append(timed(lambda m=m, lat=lat: fns[m](lat), device))
                 print(
                     f"size {size} batch {batch} repeat {r + 1}: "
-                    + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in METHODS),
+                    + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods),
                     flush=True,
                 )
-            med = {m: median(times[m]) for m in METHODS}
+            med = {m: median(times[m]) for m in methods}
+            ratio = {m: med[m] / med["engine"] for m in methods}  # above 1: the engine is faster
             rows.append(
                 {
                     "size": size,
                     "batch": batch,
                     "times": times,
                     "median": med,
-                    "images_per_s": {m: batch / med[m] for m in METHODS},
-                    "engine_vs_a1111": med["a1111_per_sample"] / med["engine"],
-                    "engine_vs_whole": med["whole_batch"] / med["engine"],
+                    "images_per_s": {m: batch / med[m] for m in methods},
+                    "engine_vs_a1111": ratio.get("a1111_per_sample"),
+                    "engine_vs_whole": ratio.get("whole_batch"),
+                    "engine_vs_plain_channels_last": ratio.get("plain_channels_last"),
+                    "engine_vs_best_baseline": min(
+                        (v for m, v in ratio.items() if m in ("a1111_per_sample", "plain_channels_last")),
+                        default=None,
+                    ),
                     "engine_chunks": list(last_chunks),
+                    "engine_layout": decision.name if decision is not None else None,
+                    "max_abs_diff": accuracy,
                 }
             )
+            report(final=False)  # partial results survive an interrupted run
 
-    info = machine()
-    where = info.get("gpu", info["cpu"]) if device.type == "cuda" else info["cpu"]
-    lines = [
-        (
-            f"Decode throughput, SD-architecture VAE (random weights), {dtype_name(dtype)} on {device.type} "
-            f"({where}), torch {info['torch']}, median of {args.repeats}."
-        ),
-        "",
-        "| size | batch | engine s | A1111 loop s | whole batch s | engine / A1111 | engine / whole |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        m = r["median"]
-        lines.append(
-            f"| {r['size']}² | {r['batch']} | {m['engine']:.2f} | {m['a1111_per_sample']:.2f} "
-            f"| {m['whole_batch']:.2f} | {r['engine_vs_a1111']:.3f}× | {r['engine_vs_whole']:.3f}× |"
-        )
-    table = "\n".join(lines)
-    name = args.name or f"decode-{device.type}"
-    payload = {
-        "benchmark": "decode",
-        "machine": info,
-        "device": str(device),
-        "dtype": dtype_name(dtype),
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    js, md = write(name, payload, table)
+    table = report(final=True)
     print(table)
-    print(f"wrote {js} and {md}")
+    print(f"wrote {RESULTS / name}.json and .md")
     return 0
+
+
+def _accuracy(engine, a1111, plain_cl, lat: torch.Tensor) -> dict[str, float]:
+    """Largest absolute difference of the engine's output from A1111's loop and the plain
+    channels-last decode, on one sample."""
+    ours = engine(lat).outputs[0].float()
+    return {
+        "vs_a1111": float((ours - a1111(lat)[0].float()).abs().max()),
+        "vs_plain_channels_last": float((ours - plain_cl(lat)[0].float()).abs().max()),
+    }
 
 
 if __name__ == "__main__":

@@ -18,22 +18,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        have = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        flags = [x for x in have if x.startswith(("avx", "amx", "fma"))]  # recorded, never decided on
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_vector_flags": flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": load_average(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def sd_vae(latent_channels: int = 4, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -51,6 +66,30 @@ def sd_vae(latent_channels: int = 4, seed: int = 0, device: str = "cpu", dtype: 
     module = AutoencoderKL(**cfg)
     torch.nn.Module.to(module, device=device, dtype=dtype)
     return DiffusersVAE(module, fam, name=f"sd-architecture-{fam.name}-random")
+
+
+def tiny_vae(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A small real AutoencoderKL (widths 32, 64, 64, 64; one layer per block; 1/8 latents) as our
+    backend: for dry runs of the benchmarks, where the SD-size VAE would only cost time."""
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    from lib_vaebatch.backends.diffusers_vae import DiffusersVAE
+    from lib_vaebatch.families import get_family
+
+    diffusers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    widths = (32, 64, 64, 64)
+    module = AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    return DiffusersVAE(module, get_family("sd1"), name="tiny-random")
 
 
 def sync(device: torch.device) -> None:

@@ -170,8 +170,9 @@ class VAEBackend(ABC):
         with torch.no_grad():
             yield
 
-    def prepare_for_speed(self) -> contextlib.AbstractContextManager[None]:
-        """Scoped device tuning during a job (e.g. cuDNN autotuning); a no-op by default."""
+    def prepare_for_speed(self, layout: str = "auto") -> contextlib.AbstractContextManager[None]:
+        """Scoped device tuning during a job (cuDNN autotuning, the CPU memory layout chosen by
+        measurement; ``layout`` is :attr:`EngineOptions.cpu_layout`); a no-op by default."""
         return contextlib.nullcontext()
 
 

@@ -44,11 +44,13 @@ def finite_flags(x: torch.Tensor) -> torch.Tensor:
 class Offloader:
     """Delivers chunk outputs to ``target`` in ``out_dtype``."""
 
-    def __init__(self, source: torch.device, target: torch.device, out_dtype: torch.dtype) -> None:
+    def __init__(
+        self, source: torch.device, target: torch.device, out_dtype: torch.dtype, *, overlap: bool = True
+    ) -> None:
         self.source = source
         self.target = target
         self.out_dtype = out_dtype
-        self._pinned = source.type == "cuda" and target.type == "cpu"
+        self._pinned = overlap and source.type == "cuda" and target.type == "cpu"
         self._stream: torch.cuda.Stream | None = None
         self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
 

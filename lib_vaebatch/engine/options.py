@@ -13,6 +13,7 @@ from lib_vaebatch.devices import parse_dtype
 ChunkMode = Literal["auto", "per-sample"]
 TilingMode = Literal["auto", "always", "never"]
 TileMode = Literal["exact", "fast"]
+CpuLayout = Literal["auto", "contiguous", "channels-last"]
 
 DEFAULT_LADDER: tuple[str, ...] = ("bf16", "fp32")
 
@@ -39,6 +40,9 @@ class EngineOptions:
     escalate_remaining: bool = True
     #: Where finished samples go: "cpu" (default; pinned, overlapped copies on CUDA) or "device".
     offload: str = "cpu"
+    #: From CUDA to the CPU: copy through pinned buffers on a side stream, overlapping the next
+    #: chunk (False: plain synchronous copies, for comparison).
+    overlap_offload: bool = True
     #: dtype of returned samples.
     output_dtype: str = "fp32"
     #: "auto": tiles only when needed (OOM at chunk 1, or one sample over budget); "always"; "never".
@@ -54,6 +58,10 @@ class EngineOptions:
     memory_budget: int | None = None
     #: On CUDA, measure the first chunk of each shape (peak allocated) and plan with the measurement.
     calibrate: bool = True
+    #: On the CPU, the memory layout of module VAEs: "auto" times the first calls of each input
+    #: shape in contiguous and channels_last and keeps the faster (per-sample mode: contiguous, for
+    #: A1111's exact outputs); "contiguous" or "channels-last" force one.
+    cpu_layout: CpuLayout = "auto"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,8 @@ class EngineOptions:
             raise ValueError(f"tile_mode must be exact or fast, not {self.tile_mode!r}")
         if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 8):
             raise ValueError(f"tile_size is in latent pixels and must be >= 8, not {self.tile_size!r}")
+        if self.cpu_layout not in ("auto", "contiguous", "channels-last"):
+            raise ValueError(f"cpu_layout must be auto, contiguous or channels-last, not {self.cpu_layout!r}")
         if not 0.05 <= float(self.memory_fraction) <= 1.0:
             raise ValueError(f"memory_fraction must be within 0.05..1, not {self.memory_fraction!r}")
         if isinstance(self.ladder, str):

@@ -104,7 +104,9 @@ class BatchRunner:
         self._tile_cap: int | None = None  # tile-size limit learnt from an out-of-memory error
         self._cancelled = False
         target = backend.device if self.options.offload == "device" else resolve_device(self.options.offload)
-        self._offloader = Offloader(backend.device, target, self.options.out_dtype)
+        self._offloader = Offloader(
+            backend.device, target, self.options.out_dtype, overlap=self.options.overlap_offload
+        )
 
     # -- public --------------------------------------------------------------------------------
     def run(self) -> BatchResult:
@@ -112,7 +114,7 @@ class BatchRunner:
         start_dtype = self.backend.dtype
         try:
             self.backend.reserve(self.op, self.pixels)
-            with self.backend.inference(), self.backend.prepare_for_speed():
+            with self.backend.inference(), self.backend.prepare_for_speed(self._layout()):
                 # Look one chunk ahead only where copies are asynchronous: chunk k is checked while
                 # chunk k+1 runs. (On the CPU nothing would overlap, so precision escalation
                 # after a recovery applies from the very next chunk, as in A1111.)
@@ -137,6 +139,12 @@ class BatchRunner:
             end_dtype=dtype_name(self.backend.dtype),
             seconds=time.perf_counter() - start,
         )
+
+    def _layout(self) -> str:
+        # per-sample mode promises A1111's outputs bit for bit: the module's own layout.
+        if self.options.cpu_layout == "auto" and self.options.chunk_mode == "per-sample":
+            return "contiguous"
+        return self.options.cpu_layout
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, remaining: int) -> Plan:
