@@ -146,7 +146,7 @@ def main() -> int:
         for fn in fns.values():
             fn(warm)  # first-call costs (allocator, autotuning) out of the measurement
         key = ("decode", (1, 4, size // 8, size // 8), dtype, device)
-        for _ in range(8):  # the engine's layout probe: a few real decodes, once per process
+        for _ in range(16):  # the engine's layout probe: a few real decodes, once per process
             if vae.tuner.decision(vae.module, key) is not None or device.type != "cpu":
                 break
             engine(warm)

@@ -67,6 +67,7 @@ class _Probe:
     schedule: list[Layout]
     times: dict[Layout, list[float]] = field(default_factory=dict)
     choice: Layout | None = None
+    rounds: int = 0
 
 
 class LayoutTuner:
@@ -74,8 +75,10 @@ class LayoutTuner:
 
     ``candidates[0]`` is the default (kept unless another is faster by more than ``margin``);
     ``rounds`` timed calls per candidate decide, by the fastest call of each (the minimum is robust
-    to the first call's set-up costs and to a busy machine's slow spells). ``clock`` is injectable
-    for tests.
+    to the first call's set-up costs and to a busy machine's slow spells). While the two fastest
+    are within ``settle`` of each other, more rounds are timed, up to ``max_rounds``: on a noisy
+    machine a close call is where one slow spell flips the answer, and there the extra calls in
+    the slower layout cost little by definition. ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -84,6 +87,8 @@ class LayoutTuner:
         *,
         rounds: int = 2,
         margin: float = 0.02,
+        settle: float = 0.10,
+        max_rounds: int = 6,
         clock: Clock = time.perf_counter,
     ) -> None:
         self.candidates = tuple(candidates)
@@ -91,20 +96,22 @@ class LayoutTuner:
             raise ValueError("a layout tuner needs at least one candidate")
         self.rounds = max(1, int(rounds))
         self.margin = float(margin)
+        self.settle = float(settle)
+        self.max_rounds = max(self.rounds, int(max_rounds))
         self.clock = clock
         self._probes: weakref.WeakKeyDictionary[torch.nn.Module, dict[Key, _Probe]] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
 
-    def _schedule(self) -> list[Layout]:
+    def _round(self, r: int) -> list[Layout]:
         # Non-default candidates first (a one-sample job then already runs the likely gain), then
         # back and forth: A B B A for two candidates.
         order = [*self.candidates[1:], self.candidates[0]]
-        out: list[Layout] = []
-        for r in range(self.rounds):
-            out += order if r % 2 == 0 else order[::-1]
-        return out
+        return order if r % 2 == 0 else order[::-1]
+
+    def _schedule(self) -> list[Layout]:
+        return [c for r in range(self.rounds) for c in self._round(r)]
 
     def _probe(self, module: torch.nn.Module, key: Key) -> _Probe:
         per = self._probes.setdefault(module, {})
@@ -112,7 +119,7 @@ class LayoutTuner:
             if len(self.candidates) == 1:
                 per[key] = _Probe([], choice=self.candidates[0])
             else:
-                per[key] = _Probe(self._schedule())
+                per[key] = _Probe(self._schedule(), rounds=self.rounds)
         return per[key]
 
     def next_layout(self, module: torch.nn.Module, key: Key) -> Layout:
@@ -134,8 +141,14 @@ class LayoutTuner:
             if probe.schedule:
                 return
             best = {c: min(probe.times[c]) for c in self.candidates}
+            ranked = sorted(self.candidates, key=lambda c: best[c])
+            close = best[ranked[0]] > (1.0 - self.settle) * best[ranked[1]]
+            if close and probe.rounds < self.max_rounds:
+                probe.schedule += self._round(probe.rounds)
+                probe.rounds += 1
+                return
             default = self.candidates[0]
-            fastest = min(self.candidates, key=lambda c: best[c])
+            fastest = ranked[0]
             if fastest != default and best[fastest] > (1.0 - self.margin) * best[default]:
                 fastest = default  # a tie: keep the module as it is
             probe.choice = fastest

@@ -77,8 +77,27 @@ def test_probe_decides_by_each_layouts_fastest_call():
     assert tuner.decision(m, key) is CONTIGUOUS
 
 
+def test_a_close_call_is_timed_for_more_rounds_until_clear_or_the_limit():
+    tuner, m, key = LayoutTuner(max_rounds=4), torch.nn.Linear(1, 1), _key()
+    for seconds in (1.0, 1.05, 1.04, 1.02):  # 2-5% apart: not settled
+        tuner.record(m, key, tuner.next_layout(m, key), seconds)
+    assert tuner.decision(m, key) is None
+    order = []
+    for seconds in (0.6, 1.0):  # round 3: channels-last really is faster
+        layout = tuner.next_layout(m, key)
+        order.append(layout)
+        tuner.record(m, key, layout, seconds)
+    assert order == [CHANNELS_LAST, CONTIGUOUS]
+    assert tuner.decision(m, key) is CHANNELS_LAST
+    stubborn = torch.nn.Linear(1, 1)
+    for _ in range(8):  # always 3% apart: decided after max_rounds all the same
+        layout = tuner.next_layout(stubborn, key)
+        tuner.record(stubborn, key, layout, 0.97 if layout is CHANNELS_LAST else 1.0)
+    assert tuner.decision(stubborn, key) is CHANNELS_LAST
+
+
 def test_a_tie_within_the_margin_keeps_the_module_as_it_is():
-    tuner, m, key = LayoutTuner(margin=0.05), torch.nn.Linear(1, 1), _key()
+    tuner, m, key = LayoutTuner(margin=0.05, max_rounds=2), torch.nn.Linear(1, 1), _key()
     for seconds in (0.97, 1.0, 1.0, 0.98):  # channels-last 3% faster: inside the 5% margin
         tuner.record(m, key, tuner.next_layout(m, key), seconds)
     assert tuner.decision(m, key) is CONTIGUOUS
