@@ -184,3 +184,14 @@ def module_tiling_program(module: torch.nn.Module, op: Op) -> Program:
     if op == "decode":
         return decoder_program(module.decoder, getattr(module, "post_quant_conv", None))
     return encoder_program(module.encoder, getattr(module, "quant_conv", None))
+
+
+def module_moments(module: torch.nn.Module, x: torch.Tensor) -> Moments:
+    """The posterior of an AutoencoderKL-shaped module (``encoder`` and optional ``quant_conv``),
+    read off its layers: ldm, sgm, SD3 and Forge's modules expose it differently (or only sample)."""
+    h = module.encoder(x)
+    quant = getattr(module, "quant_conv", None)
+    if quant is not None:
+        h = quant(h)
+    mean, logvar = h.chunk(2, dim=1)
+    return Moments(mean, logvar.clamp(-30.0, 20.0))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_tiling_program
+from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_moments, module_tiling_program
 from lib_vaebatch.families import Family, get_family
 from lib_vaebatch.forge.adapters import Adapter
 from lib_vaebatch.tiling.program import Program
@@ -121,13 +121,7 @@ class ForgeVAE(VAEBackend):
 
     def encode(self, pixels: torch.Tensor) -> Moments:
         # The posterior mean: Forge 2 and Neo's encode() samples, so the moments are read here.
-        x = pixels.to(self.device, self.dtype)
-        h = self.module.encoder(x)
-        quant = getattr(self.module, "quant_conv", None)
-        if quant is not None:
-            h = quant(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return Moments(mean, logvar.clamp(-30.0, 20.0))
+        return module_moments(self.module, pixels.to(self.device, self.dtype))
 
     def tiling_program(self, op: Op) -> Program:
         if op not in self._programs:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_tiling_program
+from lib_vaebatch.backends.base import Moments, Op, VAEBackend, module_moments, module_tiling_program
 from lib_vaebatch.families import Family, get_family
 from lib_vaebatch.tiling.program import Program
 
@@ -134,12 +134,7 @@ class WebuiVAE(VAEBackend):
         self.ensure_on_device()
         x = pixels.to(self._device, self.dtype)
         with self._without_autocast():
-            h = self.module.encoder(x)
-            quant = getattr(self.module, "quant_conv", None)
-            if quant is not None:
-                h = quant(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return Moments(mean, logvar.clamp(-30.0, 20.0))
+            return module_moments(self.module, x)
 
     def tiling_program(self, op: Op) -> Program:
         if op not in self._programs:
