@@ -141,6 +141,21 @@ def _cgroup_free() -> int | None:
     return None
 
 
+def _address_space_left() -> int | None:
+    """Bytes of address space this process may still map under ``RLIMIT_AS`` (None: no limit)."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - size)
+    except (ImportError, OSError, StopIteration, ValueError):
+        return None
+
+
 def _available_ram() -> int:
     """Available system RAM in bytes (Linux MemAvailable; other systems best effort)."""
     if sys.platform.startswith("linux"):
@@ -149,8 +164,8 @@ def _available_ram() -> int:
                 for line in f:
                     if line.startswith("MemAvailable:"):
                         avail = int(line.split()[1]) * 1024
-                        cg = _cgroup_free()
-                        return min(avail, cg) if cg is not None else avail
+                        limits = [v for v in (_cgroup_free(), _address_space_left()) if v is not None]
+                        return min([avail, *limits])
         except (OSError, ValueError):
             pass
     if sys.platform == "win32":

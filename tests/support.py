@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,3 +299,37 @@ class OOMBigTiles(OOMUntiled):
 
         settings.progress = progress
         return super().decode_tiled(latents, settings)
+
+
+class OOMTiledWhere(OOMUntiled):
+    """Fault injection inside the tiler: untiled runs out of memory, and so does a tiled run for
+    which ``fails(settings)`` is true (it sees the planned mode, tile and peak), part-way through
+    (at its first tile). Records ``(mode, tile, planned_bytes)`` of every tiled run started."""
+
+    def __init__(self, inner: VAEBackend, fails: Callable[[TileSettings], bool]) -> None:
+        super().__init__(inner)
+        self.fails = fails
+        self.runs: list[tuple[str | None, int | None, int | None]] = []
+
+    def _wrap(self, settings: TileSettings) -> None:
+        outer = settings.progress
+
+        def progress(done: int, total: int) -> None:
+            if done == 1:
+                self.runs.append((settings.used_mode, settings.used_tile, settings.planned_bytes))
+                if self.fails(settings):
+                    raise torch.cuda.OutOfMemoryError(
+                        f"CUDA out of memory (injected in {settings.used_mode} tiles of {settings.used_tile})"
+                    )
+            if outer is not None:
+                outer(done, total)
+
+        settings.progress = progress
+
+    def decode_tiled(self, latents: torch.Tensor, settings: TileSettings) -> torch.Tensor:
+        self._wrap(settings)
+        return super().decode_tiled(latents, settings)
+
+    def encode_tiled(self, pixels: torch.Tensor, settings: TileSettings) -> Moments:
+        self._wrap(settings)
+        return super().encode_tiled(pixels, settings)

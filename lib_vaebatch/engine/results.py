@@ -26,6 +26,9 @@ class SampleReport:
     dtype: str | None = None
     tiled: bool = False
     message: str = ""
+    #: what a tiled run ran: "exact", "exact-lean" (recomputation), "fast" or "plain" (independent
+    #: tiles, the last resort); None when untiled.
+    tile_mode: str | None = None
 
     @property
     def done(self) -> bool:
@@ -37,6 +40,7 @@ class SampleReport:
             "status": self.status.value,
             "dtype": self.dtype,
             "tiled": self.tiled,
+            "tile_mode": self.tile_mode,
             "message": self.message,
         }
 
@@ -74,7 +78,14 @@ class BatchResult:
         recovered = Counter(r.dtype for r in self.reports if r.status is Status.RECOVERED)
         parts += [f"recovered {dt} ×{n}" for dt, n in sorted(recovered.items(), key=lambda kv: str(kv[0]))]
         if tiled := sum(r.tiled for r in self.reports):
-            parts.append(f"tiled ×{tiled}")
+            modes = Counter(r.tile_mode or "exact" for r in self.reports if r.tiled)
+            if set(modes) == {"exact"}:
+                parts.append(f"tiled ×{tiled}")
+            else:
+                order = ("exact", "exact-lean", "fast", "plain")
+                named = {"plain": "plain tiles"}
+                detail = ", ".join(f"{named.get(m, m)} ×{modes[m]}" for m in order if m in modes)
+                parts.append(f"tiled ×{tiled} ({detail})")
         if failed := len(self.failed):
             parts.append(f"failed ×{failed}")
         if self.cancelled:

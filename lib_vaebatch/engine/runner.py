@@ -48,6 +48,7 @@ class _Outcome:
     tiled: bool = False
     error: str | None = None
     cancelled: bool = False
+    tile_mode: str | None = None
 
 
 @dataclass
@@ -57,6 +58,16 @@ class _Launch:
     oom: bool = False
     cancelled: bool = False
     tile: int | None = None  # the tile size a tiled launch ran with
+    mode: str | None = None  # what a tiled launch ran: exact, exact-lean, fast or plain
+    planned: int | None = None  # its planned peak bytes
+    least: int | None = None  # the lowest planned peak of that mode for this input
+
+
+def _label(mode: str | None) -> str:
+    """How a tile mode reads in events and reports."""
+    return {"plain": "plain tiles", "fast": "fast tiles", "exact-lean": "exact-lean tiles"}.get(
+        mode or "exact", "tiles"
+    )
 
 
 def _non_finite_counts(x: torch.Tensor) -> str:
@@ -102,6 +113,8 @@ class BatchRunner:
         self._cap: int | None = None  # chunk limit learnt from an out-of-memory error
         self._force_tiled = False
         self._tile_cap: int | None = None  # tile-size limit learnt from an out-of-memory error
+        self._tile_bytes: int | None = None  # planned-peak limit learnt from an out-of-memory error
+        self._tile_rung: str | None = None  # "fast" or "plain" once the user's tile mode ran out
         self._cancelled = False
         target = backend.device if self.options.offload == "device" else resolve_device(self.options.offload)
         self._offloader = Offloader(
@@ -167,7 +180,7 @@ class BatchRunner:
 
     def _chunks(self, indices: list[int], *, overlapped: bool) -> Iterator[_Outcome]:
         todo = deque(indices)
-        inflight: deque[tuple[list[int], Pending, torch.dtype, bool]] = deque()
+        inflight: deque[tuple[list[int], Pending, torch.dtype, bool, str | None]] = deque()
         isolate = 0  # after a non-OOM error in a chunk: run this many samples one at a time
         while todo:
             if self._is_cancelled():
@@ -180,7 +193,7 @@ class BatchRunner:
             dtype = self.backend.dtype
             launch = self._launch(idx, tiled, plan)
             if launch.pending is not None:
-                inflight.append((idx, launch.pending, dtype, tiled))
+                inflight.append((idx, launch.pending, dtype, tiled, launch.mode))
                 if not overlapped or len(inflight) > 1:
                     yield self._land(*inflight.popleft())
                 continue
@@ -201,16 +214,13 @@ class BatchRunner:
                     self._force_tiled = True
                     self.events.append(f"out of memory at chunk 1; {self.op} continues in tiles")
                     todo.appendleft(idx[0])
-                elif tiled and launch.tile is not None and launch.tile > MIN_TILE:
-                    self._tile_cap = max(MIN_TILE, launch.tile // 2)
-                    self.events.append(
-                        f"out of memory in tiles of {launch.tile}; retrying with tiles of {self._tile_cap}"
-                    )
+                elif tiled and (step := self._step_down(launch)) is not None:
+                    self.events.append(step)
                     todo.appendleft(idx[0])
                 else:
                     why = "tiling is off" if self.options.tiling == "never" else "no tiled path for this VAE"
                     if tiled:
-                        why = f"even in tiles of {launch.tile or MIN_TILE}"
+                        why = f"even in {_label(launch.mode)} of {launch.tile or MIN_TILE}"
                     yield _Outcome(
                         idx, [None], [False], dtype, tiled, f"out of memory at chunk size 1 ({why})"
                     )
@@ -239,7 +249,10 @@ class BatchRunner:
             return _Launch(cancelled=True)
         except Exception as exc:
             if is_oom(exc):
-                return _Launch(error="out of memory", oom=True, tile=tiles.used_tile if tiles else None)
+                if tiles is None:
+                    return _Launch(error="out of memory", oom=True)
+                return _Launch(error="out of memory", oom=True, tile=tiles.used_tile, mode=tiles.used_mode,
+                               planned=tiles.planned_bytes, least=tiles.least_bytes)  # fmt: skip
             log.debug("chunk %s failed", idx, exc_info=True)
             text = str(exc).splitlines()[0] if str(exc) else ""
             return _Launch(error=f"{type(exc).__name__}: {text}".rstrip(": "))
@@ -251,7 +264,7 @@ class BatchRunner:
                 f"measured {peak / 2**20:.0f} MiB for a chunk of {len(idx)}: memory model calibrated"
             )
         self.chunk_sizes.append(len(idx))
-        return _Launch(pending=pending)
+        return _Launch(pending=pending, mode=tiles.used_mode if tiles is not None else None)
 
     def _tile_settings(self, idx: list[int]) -> TileSettings:
         def progress(done: int, total: int) -> None:
@@ -266,14 +279,46 @@ class BatchRunner:
         def cancel() -> bool:
             return self.cancel is not None and bool(self.cancel())
 
+        budget = memory_budget(self.backend, self.options)
+        if self._tile_bytes is not None:
+            budget = min(budget, self._tile_bytes)
         return TileSettings(
-            mode=self.options.tile_mode,
-            tile_size=self.options.tile_size,
+            mode=self._tile_rung or self.options.tile_mode,  # type: ignore[arg-type]
+            tile_size=self.options.tile_size if self._tile_rung is None else None,
             max_tile=self._tile_cap,
-            budget=memory_budget(self.backend, self.options),
+            budget=budget,
             progress=progress,
             cancel=cancel,
         )
+
+    def _step_down(self, launch: _Launch) -> str | None:
+        """The next rung after an out-of-memory error inside tiles, as an event line (None: none
+        left). Smaller tiles; then, in exact mode, schedules within half the planned peak (whole
+        values traded for recomputation) down to the leanest; then fast mode; then, as the very
+        last rung, plain independent tiles (not exact; labelled as such), halved down to the
+        minimum tile."""
+        tile, mode = launch.tile or MIN_TILE, launch.mode or "exact"
+        where = f"out of memory in {_label(mode)} of {tile}"
+        if mode != "plain" and tile > MIN_TILE and self._tile_rung is None:
+            self._tile_cap = max(MIN_TILE, tile // 2)
+            return f"{where}; retrying with tiles of {self._tile_cap}"
+        planned, least = launch.planned, launch.least
+        if mode in ("exact", "exact-lean") and planned is not None and least is not None and planned > least:
+            self._tile_bytes = max(least, planned // 2)
+            return f"{where}; retrying exact within {self._tile_bytes / 2**20:.0f} MiB (recomputing more)"
+        if mode in ("exact", "exact-lean") and self.backend.supports_tiling(self.op):
+            self._tile_rung, self._tile_cap = "fast", None
+            return f"{where}; retrying in fast tiles (estimated statistics)"
+        if mode != "plain":
+            self._tile_rung, self._tile_cap = "plain", None
+            return (
+                f"{where}; last resort: plain independent tiles"
+                " (not exact: per-tile statistics, blended seams)"
+            )
+        if tile > MIN_TILE:
+            self._tile_cap = max(MIN_TILE, tile // 2)
+            return f"{where}; retrying with plain tiles of {self._tile_cap}"
+        return None
 
     def _should_measure(self) -> bool:
         """Calibrate the memory model from the first untiled chunk of this shape (CUDA only)."""
@@ -291,13 +336,15 @@ class BatchRunner:
         torch.cuda.reset_peak_memory_stats(device)
         return int(torch.cuda.memory_allocated(device))
 
-    def _land(self, idx: list[int], pending: Pending, dtype: torch.dtype, tiled: bool) -> _Outcome:
+    def _land(
+        self, idx: list[int], pending: Pending, dtype: torch.dtype, tiled: bool, mode: str | None = None
+    ) -> _Outcome:
         try:
             landed = pending.wait()
         except Exception as exc:  # noqa: BLE001 - e.g. an asynchronous CUDA error surfacing at the copy
             message = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {exc}"
             return _Outcome(idx, [None] * len(idx), [False] * len(idx), dtype, tiled, message)
-        return _Outcome(idx, list(landed.samples), landed.finite, dtype, tiled)
+        return _Outcome(idx, list(landed.samples), landed.finite, dtype, tiled, tile_mode=mode)
 
     # -- outcomes ------------------------------------------------------------------------------
     def _accept(self, outcome: _Outcome, *, recovered_from: list[str] | None) -> list[int]:
@@ -307,6 +354,7 @@ class BatchRunner:
         for i, sample, finite in zip(outcome.indices, outcome.samples, outcome.finite, strict=True):
             rep = self.reports[i]
             rep.dtype, rep.tiled = name, outcome.tiled
+            rep.tile_mode = outcome.tile_mode if outcome.tiled else None
             if outcome.error is not None or sample is None:
                 rep.status, rep.message = Status.FAILED, outcome.error or "no output"
                 self._awaiting_recovery.discard(i)

@@ -1,10 +1,14 @@
-"""Tiled decode and encode whose output matches the untiled one.
+"""Tiled decode and encode whose output matches the untiled one, in memory bounded by the tile.
 
 ``exact`` mode runs the VAE one step at a time over the whole image in tiles, with GroupNorm
 statistics gathered from all tile cores: the result equals the untiled forward up to float rounding.
-``fast`` mode runs the high-resolution stage as independent tiles with estimated statistics (see
-:mod:`lib_vaebatch.tiling.fast`). Both call the module's own layers, in diffusers or ldm/sgm/SD3
-layout (:mod:`lib_vaebatch.tiling.program`).
+Where whole values do not fit the budget, parts of the program are recomputed from lower-resolution
+values kept whole instead ("exact-lean", :mod:`lib_vaebatch.tiling.lean`). ``fast`` mode runs the
+high-resolution stage as independent tiles with estimated statistics (see
+:mod:`lib_vaebatch.tiling.fast`). ``auto`` takes exact where it fits the budget, else fast. ``plain``
+is the peers' method, independent tiles blended over an overlap (:mod:`lib_vaebatch.tiling.plain`):
+the engine's last resort, never exact. All call the module's own layers, in diffusers or
+ldm/sgm/SD3 layout (:mod:`lib_vaebatch.tiling.program`).
 """
 
 from __future__ import annotations
@@ -14,20 +18,23 @@ from typing import Literal
 
 import torch
 
-from lib_vaebatch.tiling.exact import TileCancel, TileProgress, TilingCancelledError, _base_hw, run_exact
+from lib_vaebatch.tiling.exact import TileCancel, TileProgress, TilingCancelledError, _base_hw
 from lib_vaebatch.tiling.fast import default_segment, run_fast
+from lib_vaebatch.tiling.lean import WORKSPACE_FACTOR, Schedule, run_lean, schedule
+from lib_vaebatch.tiling.plain import run_plain
 from lib_vaebatch.tiling.plan import (
     DEFAULT_WORKSPACE_FACTOR,
     MIN_TILE,
     calibrate,
     calibration_factor,
     estimate_peak,
-    plan_tile,
+    fast_segment_peak,
 )
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError, decoder_program, encoder_program
 
 __all__ = [
     "MIN_TILE",
+    "TILE_MODES",
     "Program",
     "TileSettings",
     "TilingCancelledError",
@@ -35,17 +42,26 @@ __all__ = [
     "decoder_program",
     "encoder_program",
     "estimate_peak",
+    "minimum_budget",
     "run_tiled",
 ]
 
-TileMode = Literal["exact", "fast"]
+TileMode = Literal["exact", "fast", "auto", "plain"]
+TILE_MODES: tuple[str, ...] = ("exact", "fast", "auto", "plain")
+#: Tile sizes the planner tries (latent pixels), largest first.
+TILE_CANDIDATES = (32, 24, 16, 12, 8)
+#: Plain tiles: sizes tried, largest first (ComfyUI's single pass uses 64 with an overlap of 16).
+PLAIN_CANDIDATES = (64, 48, 32, 24, 16, 12, 8)
 
 
 @dataclass
 class TileSettings:
     """How to tile one call: mode, tile size in latent pixels (None: planned from ``budget``),
-    ``max_tile`` a cap learnt from an out-of-memory error (it wins over a given or planned size).
-    ``used_tile`` is filled in with the tile size the call actually ran with."""
+    ``max_tile`` a cap learnt from an out-of-memory error (it wins over a given or planned size),
+    ``leanest`` the schedule with the lowest planned peak whatever it costs (a rung of the engine's
+    out-of-memory ladder). After the call, ``used_tile``, ``used_mode`` ("exact", "exact-lean",
+    "fast" or "plain"), ``planned_bytes`` say what ran, and ``least_bytes`` the lowest planned peak
+    of that mode for the input (the leanest variant)."""
 
     mode: TileMode = "exact"
     tile_size: int | None = None
@@ -53,11 +69,15 @@ class TileSettings:
     progress: TileProgress | None = None
     cancel: TileCancel | None = None
     max_tile: int | None = None
+    leanest: bool = False
     used_tile: int | None = None
+    used_mode: str | None = None
+    planned_bytes: int | None = None
+    least_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("exact", "fast"):
-            raise ValueError(f"tile mode must be 'exact' or 'fast', not {self.mode!r}")
+        if self.mode not in TILE_MODES:
+            raise ValueError(f"tile mode must be one of {', '.join(TILE_MODES)}, not {self.mode!r}")
         for name in ("tile_size", "max_tile"):
             value = getattr(self, name)
             if value is not None and value < MIN_TILE:
@@ -66,26 +86,112 @@ class TileSettings:
 
 @dataclass
 class TilePlan:
+    mode: str  # "exact", "exact-lean", "fast" or "plain"
     tile: int
     planned_bytes: int
-    segment: tuple[int, int] | None
+    schedule: Schedule | None = None  # exact
+    segment: tuple[int, int] | None = None  # fast
+    prefix: Schedule | None = None  # fast
+    suffix: Schedule | None = None  # fast
+
+
+def _candidates(settings: TileSettings, base: tuple[int, int], sizes: tuple[int, ...]) -> list[int]:
+    side = max(base)
+    if settings.tile_size is not None:
+        tiles = [settings.tile_size]
+    else:
+        tiles = [t for t in sizes if t < side] + [min(side, sizes[0])]
+    if settings.max_tile is not None:
+        tiles = [min(t, settings.max_tile) for t in tiles]
+    return sorted({max(MIN_TILE, t) for t in tiles}, reverse=True)
+
+
+def _pick(plans: list[TilePlan], costs: list[float], budget: int | None, leanest: bool) -> TilePlan:
+    """The cheapest plan within the budget, else (or with ``leanest``) the one with the lowest peak."""
+    if budget is None and not leanest:
+        return plans[0]
+    fits = [k for k, p in enumerate(plans) if budget is not None and p.planned_bytes <= budget]
+    if fits and not leanest:
+        return plans[min(fits, key=lambda k: (costs[k], -plans[k].tile))]
+    return plans[min(range(len(plans)), key=lambda k: (plans[k].planned_bytes, costs[k]))]
+
+
+def _plan_exact(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
+                dtype: torch.dtype, factor: float | None) -> TilePlan:  # fmt: skip
+    plans, costs = [], []
+    for tile in _candidates(settings, base, TILE_CANDIDATES):
+        s = schedule(program, base, tile, budget=settings.budget, batch=batch, dtype=dtype,
+                     leanest=settings.leanest, factor=factor or WORKSPACE_FACTOR)  # fmt: skip
+        plans.append(TilePlan(s.label, tile, s.peak, schedule=s))
+        costs.append(s.cost)
+    return _pick(plans, costs, settings.budget, settings.leanest)
+
+
+def _plan_fast(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
+               dtype: torch.dtype, factor: float | None) -> TilePlan:  # fmt: skip
+    first, last = default_segment(program)
+    size = torch.empty((), dtype=dtype).element_size()
+    f = factor or DEFAULT_WORKSPACE_FACTOR
+    plans, costs = [], []
+    for tile in _candidates(settings, base, TILE_CANDIDATES):
+        kw = {"budget": settings.budget, "batch": batch, "dtype": dtype, "leanest": settings.leanest}
+        prefix = schedule(program, base, tile, end=first, **kw)  # type: ignore[arg-type]
+        suffix = schedule(program, base, tile, start=last, **kw)  # type: ignore[arg-type]
+        seg = int(fast_segment_peak(program, base, tile, batch, first, last, f) * size)
+        peak = max(prefix.peak, suffix.peak, seg)
+        plans.append(TilePlan("fast", tile, peak, segment=(first, last), prefix=prefix, suffix=suffix))
+        costs.append(prefix.cost + suffix.cost)
+    return _pick(plans, costs, settings.budget, settings.leanest)
+
+
+def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
+                dtype: torch.dtype) -> TilePlan:  # fmt: skip
+    size = torch.empty((), dtype=dtype).element_size()
+    f_out = int(program.scales[-1] / min(program.scales))
+    out_bytes = 4 * batch * (program.out_channels + 1) * base[0] * base[1] * f_out * f_out
+    plans, costs = [], []
+    for tile in _candidates(settings, base, PLAIN_CANDIDATES):
+        crop = (min(tile, base[0]), min(tile, base[1]))
+        whole = schedule(program, crop, max(crop), batch=batch, dtype=dtype)
+        # the tile's output in float32 and its weighted copy come on top of its run
+        tile_out = 2 * 4 * batch * program.out_channels * crop[0] * crop[1] * f_out * f_out
+        plans.append(TilePlan("plain", tile, whole.peak + out_bytes + tile_out))
+        costs.append(-tile)
+    del size
+    return _pick(plans, costs, settings.budget, settings.leanest)
 
 
 def plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object = None) -> TilePlan:
-    """Tile size (given, or the largest whose planned peak fits the budget) for ``x``."""
+    """What to run for ``x``: mode, tile size and schedule, within ``settings.budget`` where any
+    variant of the mode fits it (else the variant with the lowest planned peak)."""
     base = _base_hw(program, x)
-    segment = default_segment(program) if settings.mode == "fast" else None
-    kw = {"batch": x.shape[0], "dtype": x.dtype, "mode": settings.mode, "segment": segment}
-    factor = calibration_factor(key, settings.mode, x.dtype) if key is not None else None
-    if settings.tile_size is not None:
-        tile = settings.tile_size
-    else:
-        budget = settings.budget if settings.budget is not None else 1 << 62
-        tile = plan_tile(program, base, budget, factor=factor, **kw)[0]  # type: ignore[arg-type]
-    if settings.max_tile is not None:
-        tile = min(tile, settings.max_tile)
-    peak = estimate_peak(program, base, tile, factor=factor or DEFAULT_WORKSPACE_FACTOR, **kw)  # type: ignore[arg-type]
-    return TilePlan(tile, peak, segment)
+    batch, dtype = x.shape[0], x.dtype
+    mode = settings.mode
+    if mode == "plain":
+        return _plan_plain(program, base, settings, batch, dtype)
+    factor = (
+        calibration_factor(key, "fast" if mode == "fast" else "exact", dtype) if key is not None else None
+    )
+    if mode == "fast":
+        return _plan_fast(program, base, settings, batch, dtype, factor)
+    exact = _plan_exact(program, base, settings, batch, dtype, factor)
+    if mode == "auto" and settings.budget is not None and exact.planned_bytes > settings.budget:
+        try:
+            fast = _plan_fast(program, base, settings, batch, dtype, factor)
+        except TilingUnsupportedError:
+            return exact
+        if fast.planned_bytes < exact.planned_bytes:
+            return fast
+    return exact
+
+
+def minimum_budget(
+    program: Program, x: torch.Tensor, mode: TileMode = "exact", *, max_tile: int | None = None
+) -> int:
+    """The smallest planned peak (bytes) of any tiled run of ``mode`` on ``x`` (tiles up to
+    ``max_tile``): the least budget the planner can keep."""
+    settings = TileSettings(mode=mode, leanest=True, budget=0, max_tile=max_tile)
+    return plan(program, x, settings).planned_bytes
 
 
 def run_tiled(
@@ -95,20 +201,33 @@ def run_tiled(
     calibrates the memory model from the measured peak."""
     p = plan(program, x, settings, key)
     settings.used_tile = max(MIN_TILE, min(p.tile, max(_base_hw(program, x))))
+    settings.used_mode = p.mode
+    settings.planned_bytes = p.planned_bytes
+    family = "plain" if p.mode == "plain" else "fast" if p.mode == "fast" else "exact"
+    settings.least_bytes = (
+        p.planned_bytes
+        if settings.leanest
+        else minimum_budget(program, x, family, max_tile=settings.max_tile)  # type: ignore[arg-type]
+    )
 
     def execute() -> torch.Tensor:
-        if settings.mode == "fast":
+        if p.mode == "plain":
+            return run_plain(program, x, tile=p.tile, progress=settings.progress, cancel=settings.cancel)
+        if p.mode == "fast":
             return run_fast(program, x, tile=p.tile, segment=p.segment, progress=settings.progress,
-                            cancel=settings.cancel)  # fmt: skip
-        return run_exact(program, x, tile=p.tile, progress=settings.progress, cancel=settings.cancel)
+                            cancel=settings.cancel, prefix=p.prefix, suffix=p.suffix)  # fmt: skip
+        assert p.schedule is not None
+        return run_lean(program, x, p.schedule, progress=settings.progress, cancel=settings.cancel)
 
+    cal_mode = "fast" if p.mode == "fast" else "exact"
     if (
         key is not None
+        and p.mode in ("exact", "fast")
         and x.device.type == "cuda"
-        and calibration_factor(key, settings.mode, x.dtype) is None
+        and calibration_factor(key, cal_mode, x.dtype) is None
     ):
         result: list[torch.Tensor] = []
-        calibrate(key, program, x, _base_hw(program, x), p.tile, settings.mode, p.segment,
+        calibrate(key, program, x, _base_hw(program, x), p.tile, cal_mode, p.segment,  # type: ignore[arg-type]
                   lambda: result.append(execute()))  # fmt: skip
         return result[0]
     return execute()

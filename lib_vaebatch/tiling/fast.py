@@ -2,7 +2,8 @@
 GroupNorm statistics, so its full-resolution activations are never held whole or synchronised.
 
 The program is cut at a clean point (no skip connection crosses it, no attention inside). The
-low-resolution part runs exactly (``exact.run_steps``). In the independent segment every tile
+low-resolution part runs exactly (by a schedule of :mod:`lib_vaebatch.tiling.lean`: whole values
+where they fit, recomputation where they do not). In the independent segment every tile
 computes, step by step, only the region later steps need (its core plus a halo that shrinks to
 zero).
 
@@ -25,21 +26,12 @@ from __future__ import annotations
 import torch
 
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, _base_hw, count_units, run_steps
-from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, input_regions
+from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
+from lib_vaebatch.tiling.ops import Region, grid
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
 from lib_vaebatch.tiling.stats import ChannelStats, Moments, norm_affine
 
 MIN_SAMPLE_TILES = 8
-
-
-def clean_cuts(program: Program) -> list[int]:
-    """Value indices where the program can be cut: no step after the cut reads a value before it."""
-    n = len(program.steps)
-    return [
-        cut
-        for cut in range(n + 1)
-        if all(s.src >= cut and (s.skip is None or s.skip >= cut) for s in program.steps[cut:])
-    ]
 
 
 def default_segment(program: Program) -> tuple[int, int]:
@@ -68,42 +60,6 @@ def sample_tiles(rows: int, cols: int) -> list[int]:
     if len(sparse) >= MIN_SAMPLE_TILES:
         return sparse
     return [r * cols + c for r in range(rows) for c in range(cols) if (r + c) % 2 == 0]
-
-
-class _Tile:
-    """One independent tile: what it needs of every value, and what it holds."""
-
-    def __init__(self, run: Run, first: int, last: int, core: Region) -> None:
-        self.core = core  # at the lowest resolution
-        program = run.program
-        req: dict[int, Region] = {last: core.scaled(run.factor(last))}
-        for i in range(last - 1, first - 1, -1):
-            step = program.steps[i]
-            src_need, skip_need = input_regions(step, req[i + 1], run.hw(step.src))
-            req[step.src] = src_need.union(req.get(step.src))
-            if step.skip is not None and skip_need is not None:
-                req[step.skip] = skip_need.union(req.get(step.skip))
-        self.req = req
-        self.slabs: dict[int, Slab] = {}
-
-    def core_of(self, run: Run, value: int) -> Region:
-        return self.core.scaled(run.factor(value))
-
-    def start(self, run: Run, first: int) -> None:
-        need = self.req[first]
-        data = run.values[first][:, :, need.y0 : need.y1, need.x0 : need.x1]
-        self.slabs[first] = Slab(data.to(run.device), need)
-
-    def step(self, run: Run, i: int, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        step = run.program.steps[i]
-        skip = self.slabs.get(step.skip) if step.skip is not None else None
-        y = compute(step, self.slabs[step.src], self.req[i + 1], run.hw(step.src), affine=affine, skip=skip)
-        self.slabs[i + 1] = Slab(y, self.req[i + 1])
-        last_use = run.program.last_use()
-        for value in (step.src, step.skip):
-            if value is not None and last_use[value] == i:
-                self.slabs.pop(value, None)
-        return y
 
 
 def _proxy_moments(
@@ -166,7 +122,7 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
     if not exact and min(run.base_hw) >= 2:
         proxy, proxy_local = _proxy_moments(run, first, last, [cores[k] for k in sampled])
 
-    def finish(tile: _Tile) -> None:
+    def finish(tile: Tile) -> None:
         region = tile.core_of(run, last)
         y = tile.slabs[last].crop(region)
         if out_stats is not None:
@@ -176,9 +132,9 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
 
     # The sample tiles, in lockstep: full-resolution statistics of part of the image.
     estimates: dict[int, Moments] = {first: run.stats[first].moments()} if first in run.stats else {}
-    tiles = [_Tile(run, first, last, cores[k]) for k in sampled]
+    tiles = [Tile(run, first, last, cores[k]) for k in sampled]
     for tile in tiles:
-        tile.start(run, first)
+        tile.start(run)
     for i in range(first, last):
         step = program.steps[i]
         affine = norm_affine(estimates[step.src], step.norm) if step.norm is not None else None
@@ -205,8 +161,8 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
     for k, core in enumerate(cores):
         if k in sampled:
             continue
-        tile = _Tile(run, first, last, core)
-        tile.start(run, first)
+        tile = Tile(run, first, last, core)
+        tile.start(run)
         for i in range(first, last):
             tile.step(run, i, affines.get(i))
             run.tick()
@@ -223,8 +179,12 @@ def run_fast(
     store: torch.device | None = None,
     progress: TileProgress | None = None,
     cancel: TileCancel | None = None,
+    prefix: Schedule | None = None,
+    suffix: Schedule | None = None,
 ) -> torch.Tensor:
-    """Run ``program`` with its high-resolution stage in independent tiles (see the module doc)."""
+    """Run ``program`` with its high-resolution stage in independent tiles (see the module doc).
+    The steps before and after that stage run exactly, by the ``prefix`` and ``suffix`` schedules
+    (default: whole values, see :mod:`lib_vaebatch.tiling.lean`)."""
     first, last = segment or default_segment(program)
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
@@ -232,12 +192,19 @@ def run_fast(
     device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
     run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel)
     n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
-    run.total = count_units(run, 0, first) + n_tiles * (last - first) + count_units(run, last, n)
+    before = prefix.segments if prefix is not None else ()
+    after = suffix.segments if suffix is not None else ()
+    total_before = schedule_units(run, prefix) if prefix is not None else count_units(run, 0, first)
+    total_after = schedule_units(run, suffix) if suffix is not None else count_units(run, last, n)
+    run.total = total_before + n_tiles * (last - first) + total_after
     run.values[0] = x.to(run.store)
     if program.needs_stats()[0]:
         run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)
         run.stats[0].add(x.to(device))
-    run_steps(run, 0, first)
+    if before:
+        run_schedule(run, prefix)  # type: ignore[arg-type]
+    else:
+        run_steps(run, 0, first)
     h, w = run.hw(last)
     out = torch.empty(
         (x.shape[0], program.channels[last], h, w), dtype=run.values[first].dtype, device=run.store
@@ -249,5 +216,8 @@ def run_fast(
     run.values[last] = out
     if stats is not None:
         run.stats[last] = stats
-    run_steps(run, last, n)
+    if after:
+        run_schedule(run, suffix)  # type: ignore[arg-type]
+    else:
+        run_steps(run, last, n)
     return run.values[n]

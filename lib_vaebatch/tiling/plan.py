@@ -36,7 +36,7 @@ def _hw(program: Program, base: tuple[int, int], value: int) -> tuple[int, int]:
     return base[0] * int(f), base[1] * int(f)
 
 
-def _tile_work(program: Program, base: tuple[int, int], tile: int, i: int, batch: int) -> int:
+def tile_work(program: Program, base: tuple[int, int], tile: int, i: int, batch: int) -> int:
     """Elements of one tile's temporaries while step ``i`` runs (its largest tile)."""
     step = program.steps[i]
     out = i + 1
@@ -61,7 +61,7 @@ def _tile_work(program: Program, base: tuple[int, int], tile: int, i: int, batch
     return batch * work
 
 
-def _exact_live(program: Program, base: tuple[int, int], batch: int, steps: range) -> list[int]:
+def exact_live(program: Program, base: tuple[int, int], batch: int, steps: range) -> list[int]:
     """Elements of whole values alive while each step in ``steps`` runs."""
     last_use = program.last_use()
     sizes = [batch * program.channels[v] * _hw(program, base, v)[0] * _hw(program, base, v)[1]
@@ -94,20 +94,22 @@ def estimate_peak(
     size = torch.empty((), dtype=dtype).element_size()
     n = len(program.steps)
     first, last = segment if (mode == "fast" and segment is not None) else (n, n)
-    live = _exact_live(program, base, batch, range(n))
+    live = exact_live(program, base, batch, range(n))
     peaks = [
-        LIVE_SLACK * live[i] + factor * _tile_work(program, base, tile, i, batch)
+        LIVE_SLACK * live[i] + factor * tile_work(program, base, tile, i, batch)
         for i in range(n)
         if not first <= i < last
     ]
     if first < last:
-        peaks.append(_fast_segment_peak(program, base, tile, batch, first, last, factor))
+        peaks.append(fast_segment_peak(program, base, tile, batch, first, last, factor))
     return int(max(peaks, default=0) * size)
 
 
-def _fast_segment_peak(
+def fast_segment_peak(
     program: Program, base: tuple[int, int], tile: int, batch: int, first: int, last: int, factor: float
 ) -> float:
+    """Planned peak elements of the independent segment of a fast run (its whole input and output,
+    the sample tiles in lockstep or the proxy, one tile's temporaries)."""
     from lib_vaebatch.tiling.fast import sample_tiles
 
     cores = grid(base[0], base[1], tile)
@@ -119,8 +121,8 @@ def _fast_segment_peak(
     tiles = [_regions(program, base, first, last, cores[k]) for k in sampled]
     lockstep = max(sum(_slab_elements(program, regs, i, batch) for regs in tiles) for i in range(first, last))
     proxy_base = (max(1, base[0] // 2), max(1, base[1] // 2))
-    proxy = max(_exact_live(program, proxy_base, batch, range(first, last)), default=0)
-    work = max(_tile_work(program, base, tile, i, batch) for i in range(first, last))
+    proxy = max(exact_live(program, proxy_base, batch, range(first, last)), default=0)
+    work = max(tile_work(program, base, tile, i, batch) for i in range(first, last))
     return LIVE_SLACK * (whole + max(lockstep, proxy)) + factor * work
 
 

@@ -10,7 +10,7 @@ from lib_vaebatch.engine.decode import decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.results import Status
-from tests.support import OOMBigTiles, OOMUntiled, Recorder, marked_latents, psnr, tiny_backend
+from tests.support import OOMBigTiles, OOMTiledWhere, OOMUntiled, Recorder, marked_latents, psnr, tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,66 @@ def test_oom_inside_tiles_halves_the_tile_down_to_the_minimum_and_keeps_every_im
     for a, b in zip(result.outputs, reference.outputs, strict=True):
         assert (a - b).abs().max().item() <= 1e-3
 
-    # Below the minimum tile there is nothing left to try: that sample fails with a clear reason.
+    # When every tiled path runs out of memory, down to plain tiles of the minimum size, that
+    # sample fails with a clear reason (and only then).
     stuck = decode_latents(OOMBigTiles(vae, limit=4), latents[:1], options=EngineOptions(tile_size=16))
     assert not stuck.ok
     assert stuck.reports[0].status is Status.FAILED
-    assert "even in tiles of 8" in stuck.reports[0].message
+    assert "even in plain tiles of 8" in stuck.reports[0].message
+    assert any("last resort: plain independent tiles" in e for e in stuck.events)
+
+
+def test_ladder_order_smaller_tiles_then_leaner_exact_then_fast_then_plain_tiles(vae):
+    """Everything but plain tiles runs out of memory: the engine walks the whole ladder in the
+    issue's order and the sample comes back, labelled as plain tiles everywhere it is reported."""
+    latents = marked_latents(2, size=40)
+    reference = _ref(vae, latents)
+    oom = OOMTiledWhere(vae, lambda s: s.used_mode != "plain")
+    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=32))
+    assert result.ok, [r.message for r in result.reports]
+    modes = [m for m, _t, _p in oom.runs]
+    first_fast, first_plain = modes.index("fast"), modes.index("plain")
+    assert all(m in ("exact", "exact-lean") for m in modes[:first_fast])
+    assert all(m == "fast" for m in modes[first_fast:first_plain])
+    tiles = [t for m, t, _p in oom.runs[:first_fast]]
+    assert tiles[:3] == [32, 16, 8], "smaller tiles first"
+    planned = [p for m, t, p in oom.runs[:first_fast] if t == 8]
+    assert len(planned) >= 2 and planned == sorted(planned, reverse=True) and planned[-1] < planned[0], (
+        "then exact schedules within less and less memory"
+    )
+    assert "exact-lean" in modes[:first_fast], "the leanest exact variant recomputes"
+    assert [r.tile_mode for r in result.reports] == ["plain", "plain"]
+    assert "plain tiles ×2" in result.summary()
+    assert any("last resort: plain independent tiles" in e for e in result.events)
+    # plain tiles are the peers' method: close, not exact
+    for a, b in zip(result.outputs, reference.outputs, strict=True):
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        assert (a - b).abs().max().item() > 1e-3
+    # the next sample started where the ladder ended: no second walk down
+    assert modes.count("plain") == 2
+
+
+def test_a_planned_peak_limit_is_met_by_recomputation_and_stays_exact(vae):
+    """Runs planned above a peak limit fail (as a device of that size would); the engine lowers
+    its planned peak until an exact-lean schedule fits, and the output is still exact."""
+    latents = marked_latents(2, size=32)
+    reference = _ref(vae, latents)
+    program = vae.tiling_program("decode")
+    from lib_vaebatch.tiling import TileSettings, plan
+
+    z = latents[:1]
+    whole = plan(program, z, TileSettings(tile_size=8)).planned_bytes
+    least = plan(program, z, TileSettings(tile_size=8, leanest=True, budget=0)).planned_bytes
+    limit = (whole + least) // 2
+    oom = OOMTiledWhere(vae, lambda s: s.planned_bytes > limit)
+    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=8))
+    assert result.ok
+    assert [r.tile_mode for r in result.reports] == ["exact-lean", "exact-lean"]
+    assert "exact-lean ×2" in result.summary()
+    assert any("retrying exact within" in e for e in result.events)
+    assert all(p <= limit for m, t, p in oom.runs[-2:])
+    for a, b in zip(result.outputs, reference.outputs, strict=True):
+        assert (a - b).abs().max().item() <= 1e-3
 
 
 @pytest.mark.parametrize(("mode", "size"), [("exact", 24), ("fast", 16), ("fast", 24)])
