@@ -128,9 +128,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--tile-mode",
-        choices=("exact", "fast"),
+        choices=("exact", "fast", "auto", "plain"),
         default="exact",
-        help="exact (default): same output as untiled; fast: less memory, statistics estimated",
+        help="exact (default): same output as untiled (recomputing parts where memory is short); "
+        "fast: statistics estimated; auto: exact where it fits, else fast; plain: independent "
+        "tiles (the peers' method, not exact)",
     )
     t.add_argument(
         "--tile-size",

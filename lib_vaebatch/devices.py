@@ -141,8 +141,14 @@ def _cgroup_free() -> int | None:
     return None
 
 
+#: Address space a process maps beyond the memory it touches (allocator arenas, oneDNN's kernel
+#: cache): kept out of what an address-space limit leaves for a decode.
+ADDRESS_SPACE_RESERVE = 32 << 20
+
+
 def _address_space_left() -> int | None:
-    """Bytes of address space this process may still map under ``RLIMIT_AS`` (None: no limit)."""
+    """Bytes of address space this process may still map under ``RLIMIT_AS``, less
+    :data:`ADDRESS_SPACE_RESERVE` (None: no limit)."""
     try:
         import resource
 
@@ -151,7 +157,7 @@ def _address_space_left() -> int | None:
             return None
         with open("/proc/self/status") as f:
             size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        return max(0, soft - size)
+        return max(0, soft - size - ADDRESS_SPACE_RESERVE)
     except (ImportError, OSError, StopIteration, ValueError):
         return None
 
@@ -236,7 +242,16 @@ _OOM_TYPES: tuple[type[BaseException], ...] = (
     MemoryError,
 )
 
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+#: oneDNN reports an allocation that failed while building a convolution as "could not create a
+#: primitive" (seen under RLIMIT_AS on the CPU); C++ allocations as std::bad_alloc.
+_OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "failed to allocate",
+    "could not create a primitive",
+    "bad_alloc",
+)
 
 
 def is_oom(exc: BaseException) -> bool:

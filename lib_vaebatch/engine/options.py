@@ -12,7 +12,8 @@ from lib_vaebatch.devices import parse_dtype
 
 ChunkMode = Literal["auto", "per-sample"]
 TilingMode = Literal["auto", "always", "never"]
-TileMode = Literal["exact", "fast"]
+TileMode = Literal["exact", "fast", "auto", "plain"]
+TILE_MODES: tuple[str, ...] = ("exact", "fast", "auto", "plain")
 CpuLayout = Literal["auto", "contiguous", "channels-last"]
 
 DEFAULT_LADDER: tuple[str, ...] = ("bf16", "fp32")
@@ -47,8 +48,12 @@ class EngineOptions:
     output_dtype: str = "fp32"
     #: "auto": tiles only when needed (OOM at chunk 1, or one sample over budget); "always"; "never".
     tiling: TilingMode = "auto"
-    #: "exact": tiled output equals untiled; "fast": high-resolution stage in independent tiles with
-    #: estimated statistics (less memory, close but not identical output).
+    #: "exact": tiled output equals untiled (where whole values do not fit the budget, parts are
+    #: recomputed: "exact-lean", slower); "fast": high-resolution stage in independent tiles with
+    #: estimated statistics (close but not identical output); "auto": exact where it fits the
+    #: budget, else fast; "plain": independent tiles blended over an overlap (the peers' method,
+    #: not exact: for comparison). Whatever is chosen, after out-of-memory errors the engine steps
+    #: down to leaner variants, ending with plain tiles, and reports what ran.
     tile_mode: TileMode = "exact"
     #: Tile size in latent pixels (image pixels / 8), at least 8 (None: planned from free memory).
     tile_size: int | None = None
@@ -74,8 +79,8 @@ class EngineOptions:
             raise ValueError(f"max_chunk must be a positive integer, not {self.max_chunk!r}")
         if self.tiling not in ("auto", "always", "never"):
             raise ValueError(f"tiling must be auto, always or never, not {self.tiling!r}")
-        if self.tile_mode not in ("exact", "fast"):
-            raise ValueError(f"tile_mode must be exact or fast, not {self.tile_mode!r}")
+        if self.tile_mode not in TILE_MODES:
+            raise ValueError(f"tile_mode must be one of {', '.join(TILE_MODES)}, not {self.tile_mode!r}")
         if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 8):
             raise ValueError(f"tile_size is in latent pixels and must be >= 8, not {self.tile_size!r}")
         if self.cpu_layout not in ("auto", "contiguous", "channels-last"):

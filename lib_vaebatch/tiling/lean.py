@@ -35,9 +35,10 @@ SegmentKind = Literal["whole", "recompute"]
 WORKSPACE_FACTOR = 1.25
 #: Allowance on whole values for allocator slack (freed blocks not reused exactly).
 LIVE_SLACK = 1.1
-#: Planned cost of one call of a layer on one tile, in multiply-adds (Python and dispatch overhead):
+#: Planned cost of one call of a layer on one tile, in multiply-adds (Python and dispatch overhead,
+#: about a millisecond on a 2-core CPU):
 #: it makes the planner prefer fewer, larger tiles where they fit.
-CALL_OVERHEAD_MACS = 3e5
+CALL_OVERHEAD_MACS = 2e7
 
 
 def clean_cuts(program: Program) -> list[int]:

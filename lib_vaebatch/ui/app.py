@@ -278,10 +278,11 @@ def build_ui(host: Host, wiring: Wiring) -> gr.Blocks:
                                 elem_id=f"{P}_tiling",
                             )
                             tile_mode = gr.Radio(
-                                ["exact", "fast"],
+                                ["exact", "fast", "auto", "plain"],
                                 value="exact",
                                 label="Tile mode",
-                                info="exact: same output as untiled; fast: less memory",
+                                info="exact: same output as untiled; fast: less memory; auto: exact "
+                                "where it fits, else fast; plain: independent tiles (not exact)",
                                 elem_id=f"{P}_tile_mode",
                             )
                             tile_size = gr.Slider(
