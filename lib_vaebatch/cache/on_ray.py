@@ -30,6 +30,9 @@ from lib_vaebatch.cache.sources import Item, Source
 from lib_vaebatch.engine.options import EngineOptions
 
 
+SIDE_CPUS = 0.25  # what a load or write task reserves: light next to an encode, and Ray Data bounds how many run
+
+
 class RayUnavailableError(RuntimeError):
     """``--ray`` without Ray installed."""
 
@@ -186,12 +189,16 @@ def run_on_ray(
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours reports images; Ray's would interleave with it
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     gpw = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    # CPU actors reserve their threads, but never all CPUs: loading and writing need a share, or
+    # they would wait for CPUs forever (the threads themselves are set in the actor)
+    actor_cpus = 1.0 if gpw > 0 else min(float(threads), max(0.1, (cpus - 2 * SIDE_CPUS) / workers))
     opts = options or cache_engine_options(None, 8)
     rows = [task_row(t, items) for t in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(load_row, fn_kwargs={"settings": settings}, num_cpus=1)
+    ds = ds.map(load_row, fn_kwargs={"settings": settings}, num_cpus=SIDE_CPUS, concurrency=workers)
     ds = ds.map_batches(
         EncodeActor,
         fn_constructor_kwargs={
@@ -202,7 +209,7 @@ def run_on_ray(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpw,
-        num_cpus=1 if gpw > 0 else threads,
+        num_cpus=actor_cpus,
         max_restarts=-1,
         max_task_retries=-1,
     )  # fmt: skip
@@ -212,7 +219,7 @@ def run_on_ray(
         watcher = threading.Thread(target=_watch, args=(out, pending, total, progress, stop), daemon=True)
         watcher.start()
     try:
-        ds.write_datasink(_sink(out, settings))
+        ds.write_datasink(_sink(out, settings), ray_remote_args={"num_cpus": SIDE_CPUS})
     finally:
         stop.set()
         if watcher is not None:

@@ -78,7 +78,7 @@ class LatentCache(Dataset):  # type: ignore[type-arg]
             for start in range(0, len(indices), batch_size):
                 items = [self[i] for i in indices[start : start + batch_size]]
                 batch: dict[str, Any] = {"bucket": bucket, "indices": indices[start : start + batch_size]}
-                for key in items[0]:
+                for key in items[0].keys() - {"bucket"}:
                     values = [it[key] for it in items]
                     batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
                 yield batch

@@ -14,7 +14,7 @@ from PIL import Image
 BAD = {
     "bad/corrupt.png": "corrupt",
     "bad/truncated.jpg": "truncated",
-    "bad/huge.png": "limit",
+    "bad/huge.png": "bomb",
     "bad/not-an-image.webp": "not an image",
     "bad/empty.png": "not an image",
 }
@@ -65,7 +65,8 @@ def make_dataset(root: Path, n_good: int = 95, *, seed: int = 0, bad: bool = Tru
     if bad:
         (root / "bad").mkdir(parents=True, exist_ok=True)
         good_png = paths[0].read_bytes()
-        (root / "bad/corrupt.png").write_bytes(good_png[:40] + b"\xff" * 200 + good_png[240:])
+        mid = len(good_png) // 2  # the header reads, the pixel data does not decompress
+        (root / "bad/corrupt.png").write_bytes(good_png[:mid] + b"\x55" * 64 + good_png[mid + 64 :])
         jpg = next(p for p in paths if p.suffix == ".jpg").read_bytes()
         (root / "bad/truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
         (root / "bad/huge.png").write_bytes(_huge_png(30000, 30000))
