@@ -522,8 +522,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from lib_vaebatch.cache.buckets import BucketError, BucketSpec
     from lib_vaebatch.cache.on_ray import RayUnavailableError  # imports no ray itself
-    from lib_vaebatch.cache.run import cache_engine_options, run_cache, vae_identity
+    from lib_vaebatch.cache.run import run_cache
     from lib_vaebatch.cache.settings import CacheConflictError, CacheSettings
+    from lib_vaebatch.cache.shards import cache_engine_options, vae_identity
     from lib_vaebatch.cache.sources import SourceError
     from lib_vaebatch.images import parse_color
     from lib_vaebatch.progress import ConsoleProgress

@@ -29,8 +29,9 @@ from lib_vaebatch.cache.shards import EncodedShard, LoadedShard, load_shard, rec
 from lib_vaebatch.cache.sources import Item, Source
 from lib_vaebatch.engine.options import EngineOptions
 
-
-SIDE_CPUS = 0.25  # what a load or write task reserves: light next to an encode, and Ray Data bounds how many run
+SIDE_CPUS = (
+    0.25  # what a load or write task reserves: light next to an encode, and Ray Data bounds how many run
+)
 
 
 class RayUnavailableError(RuntimeError):
@@ -102,7 +103,7 @@ class EncodeActor:
         import torch
 
         from lib_vaebatch.backends import load_vae
-        from lib_vaebatch.cache.run import vae_identity
+        from lib_vaebatch.cache.shards import vae_identity
         from lib_vaebatch.devices import parse_dtype
 
         torch_dtype = parse_dtype(dtype) if dtype else None
@@ -178,7 +179,7 @@ def run_on_ray(
         raise RayUnavailableError(
             f"--ray needs Ray Data ({exc}); pip install 'sd-webui-vae-batch[ray]'"
         ) from None
-    from lib_vaebatch.cache.run import cache_engine_options
+    from lib_vaebatch.cache.shards import cache_engine_options
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
@@ -198,7 +199,12 @@ def run_on_ray(
     opts = options or cache_engine_options(None, 8)
     rows = [task_row(t, items) for t in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(load_row, fn_kwargs={"settings": settings}, num_cpus=SIDE_CPUS, concurrency=workers)
+    ds = ds.map(
+        load_row,
+        fn_kwargs={"settings": settings},
+        num_cpus=SIDE_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=workers),
+    )
     ds = ds.map_batches(
         EncodeActor,
         fn_constructor_kwargs={

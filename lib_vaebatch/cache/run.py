@@ -32,6 +32,7 @@ from lib_vaebatch.cache.settings import (
 )
 from lib_vaebatch.cache.shards import (
     LoadedShard,
+    cache_engine_options,
     done_records,
     encode_shard,
     load_shard,
@@ -45,25 +46,6 @@ log = logging.getLogger("vaebatch")
 
 ProgressFn = Callable[[int, int, str], None]
 INDEX_KEYS = ("source", "status", "bucket", "shard", "row", "original_size", "crop_ltrb", "npz", "error")
-
-
-def vae_identity(backend: VAEBackend) -> dict[str, Any]:
-    return {
-        "name": backend.display_name,
-        "hash": backend.file_hash,
-        "family": backend.family.name,
-        "scaling_factor": float(backend.scaling_factor),
-        "shift_factor": float(backend.shift_factor or 0.0),
-        "channels": int(backend.latent_channels),
-    }
-
-
-def cache_engine_options(options: EngineOptions | None, batch_size: int) -> EngineOptions:
-    """The engine's options for a cache: at most ``batch_size`` images a chunk, and the contiguous
-    CPU layout (the timing-based probe could pick another layout in another process, and a shard
-    must come out the same whichever worker or run encodes it)."""
-    base = options or EngineOptions()
-    return base.replace(max_chunk=min(base.max_chunk or batch_size, batch_size), cpu_layout="contiguous")
 
 
 @dataclass

@@ -34,6 +34,25 @@ _STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16
 _ST_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
+def vae_identity(backend: VAEBackend) -> dict[str, Any]:
+    return {
+        "name": backend.display_name,
+        "hash": backend.file_hash,
+        "family": backend.family.name,
+        "scaling_factor": float(backend.scaling_factor),
+        "shift_factor": float(backend.shift_factor or 0.0),
+        "channels": int(backend.latent_channels),
+    }
+
+
+def cache_engine_options(options: EngineOptions | None, batch_size: int) -> EngineOptions:
+    """The engine's options for a cache: at most ``batch_size`` images a chunk, and the contiguous
+    CPU layout (the timing-based probe could pick another layout in another process, and a shard
+    must come out the same whichever worker or run encodes it)."""
+    base = options or EngineOptions()
+    return base.replace(max_chunk=min(base.max_chunk or batch_size, batch_size), cpu_layout="contiguous")
+
+
 def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
     """``write(tmp)`` then rename over ``path``: readers and reruns see the old file or the new one,
     never half of one (a killed run leaves only a ``.tmp`` that the next run removes)."""
