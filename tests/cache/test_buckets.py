@@ -44,7 +44,7 @@ def test_every_image_gets_a_bucket_it_covers(spec, no_upscale, w, h):
     try:
         (bw, bh), (rw, rh) = spec.select(w, h)
     except BucketError as exc:
-        assert no_upscale and "step" in str(exc)
+        assert no_upscale and "step" in str(exc)  # noqa: PT017 - which images may fail is the property
         return
     assert bw % spec.steps == 0 and bh % spec.steps == 0 and bw > 0 and bh > 0
     assert rw >= bw and rh >= bh  # resized to cover the bucket, then centre-cropped
