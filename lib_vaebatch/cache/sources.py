@@ -14,9 +14,16 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lib_vaebatch.cache.buckets import BucketError, BucketSpec
-from lib_vaebatch.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageInputError, check_declared_size
+from lib_vaebatch.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageInputError,
+    check_declared_size,
+    open_image,
+)
 
 LIST_SUFFIXES = (".txt", ".json")
+MIN_SIDE = 8  # as encode: smaller images carry nothing a bucket could use
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -79,7 +86,9 @@ def _rel(path: Path, base: Path) -> str:
 
 def find_sources(srcs: list[str | Path], exclude: Path | None = None) -> list[Source]:
     """Every image under the SRC arguments, sorted, without duplicates; ``exclude`` (the output
-    folder) is never searched."""
+    folder) is never searched. A SRC that is not a folder, a readable image or a list of existing
+    files is a :class:`SourceError`; images found in folders and lists are checked later, one by
+    one (a bad one is a failed record, not an error of the run)."""
     out: list[Source] = []
     seen: set[Path] = set()
     skip = exclude.resolve() if exclude is not None else None
@@ -107,13 +116,31 @@ def find_sources(srcs: list[str | Path], exclude: Path | None = None) -> list[So
                 add(f, root, base)
         elif src.is_file() and src.suffix.lower() in LIST_SUFFIXES:
             base = src.absolute().parent
-            for entry in _read_list(src):
-                p = Path(entry)
-                add(p if p.is_absolute() else base / p, root, base)
-        elif src.is_file():
+            listed = [p if (p := Path(e)).is_absolute() else base / p for e in _read_list(src)]
+            missing = [str(p) for p in listed if not p.is_file()]
+            if missing:  # a list with typos is a usage error, not a dataset's bad image
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise SourceError(
+                    f"{src}: {len(missing)} listed file(s) do not exist: {', '.join(missing[:3])}{more}"
+                )
+            for p in listed:
+                add(p, root, base)
+        elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:
+            try:  # an image named on the command line is checked now, like every CLI input
+                w, h = open_image(src).size
+            except ImageInputError as exc:
+                raise SourceError(str(exc)) from None
+            if w < MIN_SIDE or h < MIN_SIDE:
+                raise SourceError(f"{src}: {w}x{h} is smaller than the {MIN_SIDE}x{MIN_SIDE} minimum")
             add(src, root, src.absolute().parent)
+        elif src.is_file():
+            raise SourceError(
+                f"{src}: not an image ({' '.join(IMAGE_SUFFIXES)}), a folder, or a .txt/.json list of images"
+            )
         else:
             raise SourceError(f"{src}: no such file or folder")
+    if not out:
+        raise SourceError("no images found in " + ", ".join(map(str, srcs)))
     return out
 
 
@@ -130,6 +157,8 @@ def read_header(source: Source, *, orient: bool, max_pixels: int = DEFAULT_MAX_P
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageInputError(f"{w}x{h} is larger than the {max_pixels}-pixel limit")
+                if w < MIN_SIDE or h < MIN_SIDE:
+                    raise ImageInputError(f"{w}x{h} is smaller than the {MIN_SIDE}x{MIN_SIDE} minimum")
                 if orient:
                     try:
                         rotated = img.getexif().get(0x0112) in _ROTATED
