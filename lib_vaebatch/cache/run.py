@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +85,7 @@ def reset(out: Path) -> None:
     for path in _own_kohya_files(out):
         path.unlink(missing_ok=True)
     for d in out.iterdir() if out.is_dir() else []:
-        if d.is_dir() and d.name != STATE and "x" in d.name:
+        if d.is_dir() and re.fullmatch(r"\d+x\d+", d.name):
             for f in d.glob("part-*.safetensors"):
                 f.unlink()
             if not any(d.iterdir()):
@@ -150,6 +151,8 @@ def check_kohya_targets(pending: list[ShardTask], items: dict[str, Item], settin
         for key in task.members:
             item = items[key]
             target = kohya.npz_path(item.source.path, item.size, family)
+            for tmp in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's, next to the image
+                tmp.unlink(missing_ok=True)
             if target.exists() and kohya.marker(target) is None:
                 foreign.append(str(target))
             old = kohya.old_npz_path(item.source.path)
