@@ -195,7 +195,7 @@ def run_on_ray(
     gpw = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus else 0.0)
     # CPU actors reserve their threads, but never all CPUs: loading and writing need a share, or
     # they would wait for CPUs forever (the threads themselves are set in the actor)
-    actor_cpus = 1.0 if gpw > 0 else min(float(threads), max(0.1, (cpus - 2 * SIDE_CPUS) / workers))
+    actor_cpus = 1.0 if gpw > 0 else min(float(threads), max(0.1, (cpus - SIDE_CPUS) / workers))
     opts = options or cache_engine_options(None, 8)
     rows = [task_row(t, items) for t in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -225,7 +225,9 @@ def run_on_ray(
         watcher = threading.Thread(target=_watch, args=(out, pending, total, progress, stop), daemon=True)
         watcher.start()
     try:
-        ds.write_datasink(_sink(out, settings), ray_remote_args={"num_cpus": SIDE_CPUS})
+        # writes reserve no CPU: they are light (see docs/benchmarks.md), and with a share to wait
+        # for they were held back behind the encodes, so records came only at the end of a job
+        ds.write_datasink(_sink(out, settings), ray_remote_args={"num_cpus": 0})
     finally:
         stop.set()
         if watcher is not None:
