@@ -590,7 +590,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     failed = run.failed
     rate = f", {run.encoded / elapsed:.1f} images/s" if run.encoded and elapsed > 0 else ""
     log.info(
-        "cache %s: %d images: %d ok, %d recovered, %d failed; %d encoded in %d shard(s), %d already done "
+        "cache %s: %d images: %d ok, %d recovered, %d failed; %d processed in %d shard(s), %d already done "
         "(%d shard(s) skipped) in %.1f s%s%s",
         out, run.total, run.count("ok"), run.count("recovered"), len(failed), run.encoded,
         run.shards_written, run.skipped, run.shards_skipped, elapsed, rate, " on Ray" if ray else "",

@@ -293,4 +293,6 @@ def run_cache(
             torch.set_num_threads(previous_threads)
     run.records = index_records(plan, items, done)
     write_json(out / INDEX, run.records, lines=True)
+    for tmp in out.rglob(".*.tmp"):  # a killed run's writer that was still going when this one began
+        tmp.unlink(missing_ok=True)
     return run

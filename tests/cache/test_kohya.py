@@ -82,7 +82,7 @@ def test_a_rerun_skips_and_foreign_npz_are_refused(kohya_run, vae_file, caplog):
     stamps = {p: p.stat().st_mtime_ns for p in src.rglob("*.npz")}
     caplog.clear()
     assert run_cache_cli(*args) == 0
-    assert "0 encoded" in caplog.text
+    assert "0 processed" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*.npz")} == stamps
     # an npz that sd-scripts would read instead of ours, and one in the place of ours
     victim = next(iter(stamps))

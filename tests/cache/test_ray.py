@@ -55,10 +55,11 @@ def _now_ticks() -> int:
 def test_ray_equals_in_process_even_when_an_encode_actor_is_killed(
     ray_address, reference, dataset, vae_file, tmp_path
 ):
-    """The job (2 encode actors) runs in this process, a driver of the shared instance, while the
-    test SIGKILLs one encode actor's worker process."""
+    """The job runs in this process, a driver of the shared instance, while the test SIGKILLs its
+    encode actor's worker process (one actor: the job can only finish through Ray's restart and
+    retry; two actors took up to 3x longer here, and bench_cache.py checks 2 workers' outputs)."""
     out = tmp_path / "out"
-    args = cache_args(dataset, out, vae_file, "--ray", ray_address, "--workers", "2")
+    args = cache_args(dataset, out, vae_file, "--ray", ray_address, "--workers", "1")
     born = _now_ticks() - 1
     result: list[int] = []
     job = threading.Thread(target=lambda: result.append(run_cache_cli(*args)))
@@ -68,7 +69,7 @@ def test_ray_equals_in_process_even_when_an_encode_actor_is_killed(
         while not (records_done(out) >= 1 and encode_actor_pids(born)):
             assert job.is_alive() and time.monotonic() < end, "the run ended before the kill"
             time.sleep(0.01)
-        victims = encode_actor_pids(born)[:1]  # one of the two actors
+        victims = encode_actor_pids(born)  # the job's one encode actor: it must be restarted
         assert records_done(out) < len(shard_files(reference)), "the run finished before the kill"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

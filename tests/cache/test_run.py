@@ -108,7 +108,7 @@ def test_a_rerun_encodes_nothing_and_other_settings_are_refused(
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("part-*.safetensors")}
     capsys.readouterr()
     assert run_cache_cli(*cache_args(src, out, vae_file)) == 0
-    assert "0 encoded in 0 shard(s), 12 already done" in said(caplog, capsys)
+    assert "0 processed in 0 shard(s), 12 already done" in said(caplog, capsys)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("part-*.safetensors")} == files
     # a damaged shard (same name, wrong content) is found by its header and encoded again
     victim = min(files)
@@ -118,7 +118,7 @@ def test_a_rerun_encodes_nothing_and_other_settings_are_refused(
     # a changed image (same size) re-encodes its shard; a new one fills a new shard
     make_dataset(src / "more", 2, seed=9, bad=False)
     assert run_cache_cli(*cache_args(src, out, vae_file)) == 0
-    assert "2 encoded" in said(caplog, capsys) and len(index_lines(out)) == 14
+    assert "2 processed" in said(caplog, capsys) and len(index_lines(out)) == 14
     for args, word in [
         (("--vae", str(other_vae_file)), "other-vae.safetensors"),
         (("--resolution", "96"), "resolution"),
