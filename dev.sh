@@ -43,7 +43,7 @@ setup() {
     fi
     echo "[dev.sh] installing pinned dependencies into $VENV" >&2
     PIP_CONSTRAINT="$PWD/$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-        -e ".[dev]"
+        -e ".[dev,ray]"
     echo "$want" >"$stamp"
 }
 

@@ -1,4 +1,5 @@
-"""``python -m lib_vaebatch``: encode images to latents, decode latents to images, run the demo.
+"""``python -m lib_vaebatch``: encode images to latents, decode latents to images, cache a training
+set's latents, run the demo.
 
 Exit codes: 0 all done; 1 some samples failed or could not be saved (every good one is saved);
 2 bad input or usage (nothing written); 3 unexpected error (a bug: one line naming the exception;
@@ -202,6 +203,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dec.add_argument("--quality", type=_int_in(1, 100), default=95, help="JPEG/WebP quality (default 95)")
     _common(dec)
+
+    cache = sub.add_parser(
+        "cache",
+        help="cache a training set's latents: aspect buckets, shards or kohya npz, resumable, Ray",
+        description="Encode every image under SRC (folders searched recursively; a .txt or .json list of "
+        "paths works too) into a latents cache in OUT: OUT/<W>x<H>/part-<k>.safetensors shards and "
+        "OUT/index.jsonl (or, with --format kohya, the .npz files sd-scripts reads, next to each image). "
+        "A rerun with the same settings skips what is done and fills the gaps.",
+    )
+    cache.add_argument("sources", nargs="+", metavar="SRC", help="folders, image files, or .txt/.json lists")
+    cache.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    b = cache.add_argument_group("buckets (as kohya-ss/sd-scripts makes them)")
+    b.add_argument("--resolution", type=_int_in(8, 1 << 15), default=512, help="max area N² (default 512)")
+    b.add_argument("--bucket-reso-steps", type=_int_in(8, 4096), default=64, help="bucket step (default 64)")
+    b.add_argument("--min-bucket-reso", type=_int_in(8, 1 << 15), default=256, help="(default 256)")
+    b.add_argument("--max-bucket-reso", type=_int_in(8, 1 << 15), default=1024, help="(default 1024)")
+    b.add_argument("--no-upscale", action="store_true", help="buckets from each image's size, never enlarged")
+    c = cache.add_argument_group("what is stored")
+    c.add_argument(
+        "--format",
+        choices=("latents", "kohya"),
+        default="latents",
+        help="latents (default): our shards + index.jsonl; kohya: sd-scripts' .npz next to each image",
+    )
+    c.add_argument("--flip", action="store_true", help="also encode the mirrored image")
+    c.add_argument(
+        "--alpha",
+        choices=("drop", "composite", "mask"),
+        default="drop",
+        help="transparency: drop it (default, as sd-scripts), composite on --background, or store a mask",
+    )
+    c.add_argument("--background", default="#ffffff", help="colour for --alpha composite (default white)")
+    c.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
+    c.add_argument("--seed", type=int, default=0, help="seed for --sample (each image's from its path)")
+    store = c.add_mutually_exclusive_group()
+    store.add_argument("--half", action="store_true", help="store float16 latents")
+    store.add_argument("--bf16", action="store_true", help="store bfloat16 latents")
+    c.add_argument("--shard-size", type=_int_in(1, 1 << 20), default=256, help="images per shard (256)")
+    c.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    r = cache.add_argument_group("throughput")
+    r.add_argument("--batch-size", type=_int_in(1, 4096), default=8, help="images per VAE call (default 8)")
+    r.add_argument("--loaders", type=_int_in(0, 256), default=2, help="image loading threads (in-process)")
+    r.add_argument(
+        "--threads",
+        type=_int_in(1, 1024),
+        default=1,
+        help="CPU threads per encode (default 1; the same count gives bit-identical latents)",
+    )
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray Data: a local instance (no ADDRESS), or join the cluster at ADDRESS",
+    )
+    r.add_argument("--workers", type=_int_in(1, 4096), default=1, help="Ray encode actors (default 1)")
+    r.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per encode actor (default 1 where the cluster has GPUs, else CPU actors)",
+    )
+    r.add_argument("--ray-cpus", type=_int_in(1, 4096), default=None, help="CPUs of a local Ray instance")
+    _common(cache)
 
     demo = sub.add_parser("demo", help="encode sample images, decode them back, save them with metadata")
     demo.add_argument("-o", "--output", default="outputs/demo", help="output folder (default outputs/demo)")
@@ -455,6 +521,95 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return EXIT_OK if job.ok else EXIT_FAILED
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from lib_vaebatch.cache.buckets import BucketError, BucketSpec
+    from lib_vaebatch.cache.on_ray import RayUnavailableError  # imports no ray itself
+    from lib_vaebatch.cache.run import run_cache
+    from lib_vaebatch.cache.settings import CacheConflictError, CacheSettings
+    from lib_vaebatch.cache.shards import cache_engine_options, vae_identity
+    from lib_vaebatch.cache.sources import SourceError
+    from lib_vaebatch.images import parse_color
+    from lib_vaebatch.progress import ConsoleProgress
+
+    try:
+        parse_color(args.background)
+        options = _engine_options(args)
+        spec = BucketSpec(
+            args.resolution,
+            args.bucket_reso_steps,
+            args.min_bucket_reso,
+            args.max_bucket_reso,
+            args.no_upscale,
+        )
+    except (ValueError, BucketError) as exc:
+        raise CliError(str(exc)) from None
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise CliError("--gpus-per-worker must not be negative")
+    out = Path(args.output)
+    _check_folder(out)
+    if args.ray is not None and args.device not in ("auto", "cpu"):
+        raise CliError("--device is chosen by Ray for its workers (see --gpus-per-worker)")
+    if args.ray is not None:
+        args.device = "cpu"  # the driver loads the VAE only to know it; the actors encode
+    backend = _load_backend(args)
+    try:
+        settings = CacheSettings(
+            vae=vae_identity(backend),
+            buckets=spec,
+            format=args.format,
+            flip=args.flip,
+            alpha=args.alpha,
+            background=args.background,
+            sample=args.sample,
+            seed=args.seed,
+            storage="fp16" if args.half else "bf16" if args.bf16 else "fp32",
+            shard_size=args.shard_size,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ray = None
+    if args.ray is not None:
+        ray = {
+            "vae": args.vae, "family": args.family, "dtype": None if args.dtype == "auto" else args.dtype,
+            "address": args.ray or None, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
+            "num_cpus": args.ray_cpus,
+            "options": cache_engine_options(options, args.batch_size),
+        }  # fmt: skip
+    bar = ConsoleProgress("cache", enabled=not args.no_progress)
+    start = time.perf_counter()
+    with _interruptible() as stop:
+        try:
+            run = run_cache(
+                args.sources, out, settings, backend=None if ray else backend, options=options,
+                batch_size=args.batch_size, overwrite=args.overwrite, loaders=args.loaders,
+                threads=args.threads, ray=ray, progress=bar, cancel=lambda: stop[0],
+            )  # fmt: skip
+        except (SourceError, CacheConflictError, RayUnavailableError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    failed = run.failed
+    rate = f", {run.encoded / elapsed:.1f} images/s" if run.encoded and elapsed > 0 else ""
+    log.info(
+        "cache %s: %d images: %d ok, %d recovered, %d failed; %d processed in %d shard(s), %d already done "
+        "(%d shard(s) skipped) in %.1f s%s%s",
+        out, run.total, run.count("ok"), run.count("recovered"), len(failed), run.encoded,
+        run.shards_written, run.skipped, run.shards_skipped, elapsed, rate, " on Ray" if ray else "",
+    )  # fmt: skip
+    for rec in failed[:20]:
+        log.error("%s: %s", rec["source"], rec["error"])
+    if len(failed) > 20:
+        log.error("... and %d more (see %s)", len(failed) - 20, out / "index.jsonl")
+    if run.cancelled:
+        log.warning("interrupted: rerun the same command to finish")
+        return EXIT_INTERRUPTED
+    if failed:
+        log.error("%d image(s) failed (status 'failed' in %s)", len(failed), out / "index.jsonl")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lib_vaebatch.ui.serve import serve
@@ -511,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_encode(args)
         if args.command == "decode":
             return cmd_decode(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         if args.command == "serve":
             return cmd_serve(args)
         from lib_vaebatch.demo import run_demo

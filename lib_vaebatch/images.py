@@ -95,7 +95,7 @@ def open_image(
     return img
 
 
-def _to_rgb_array(img: Image.Image, alpha: Alpha, background: tuple[int, int, int]) -> np.ndarray:
+def to_rgb_array(img: Image.Image, alpha: Alpha, background: tuple[int, int, int]) -> np.ndarray:
     """Any mode (palette, CMYK, 16-bit, float, with or without alpha) to uint8 RGB ``[H, W, 3]``."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -144,7 +144,7 @@ def prepare_image(
     w, h = img.size
     if w < 8 or h < 8:
         raise ImageInputError(f"{label}: {w}x{h} is smaller than the 8x8 minimum")
-    rgb = _to_rgb_array(img, alpha, parse_color(background))
+    rgb = to_rgb_array(img, alpha, parse_color(background))
     if fit == "crop":
         nw, nh = w - w % 8, h - h % 8
         left, top = (w - nw) // 2, (h - nh) // 2

@@ -33,6 +33,9 @@ class ConsoleProgress:
         bar = "#" * filled + "-" * (self.width - filled)
         elapsed = now - self.start
         rate = f"{done / elapsed:.2f}/s" if elapsed > 0 and done else ""
+        if rate and done < total:
+            left = int((total - done) * elapsed / done)
+            rate += f" ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
         line = f"{PREFIX} {self.label} [{bar}] {done}/{total} {rate}".rstrip()
         if self.tty:
             self.stream.write("\r" + line)

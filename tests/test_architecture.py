@@ -157,7 +157,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("backends",)),
     ("engine", ("engine",)),
     ("Forge adapters", ("forge",)),  # Forge's VAE behind the engine; below the shared webui glue
-    ("jobs", ("jobs", "demo")),
+    ("jobs", ("jobs", "demo", "cache")),  # cache/: dataset latent caches, on the engine as jobs are
     ("tab actions", ("ui.actions", "ui.standalone")),
     ("api", ("api",)),
     ("front ends", ("ui", "webui", "cli", "__main__")),
@@ -333,3 +333,18 @@ def test_the_layer_checks_catch_a_planted_cycle_and_an_upward_import(tmp_path):
     (pkg / "families.py").write_text("import torch\n")
     graph = import_graph(pkg)
     assert import_cycles(graph) == [] and upward_imports(graph) == []
+
+
+def test_importing_the_package_never_imports_ray():
+    """Ray is an optional extra: only ``cache --ray`` imports it, inside a function."""
+    code = (
+        "import sys, importlib, pkgutil, lib_vaebatch\n"
+        "for info in pkgutil.walk_packages(lib_vaebatch.__path__, 'lib_vaebatch.'):\n"
+        "    if info.name.split('.')[1] not in ('webui', 'ui', 'forge', '__main__'):\n"
+        "        importlib.import_module(info.name)\n"
+        "import lib_vaebatch.cli, lib_vaebatch.cache.on_ray\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

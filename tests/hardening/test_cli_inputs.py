@@ -88,6 +88,7 @@ OUTPUT_FILES = [Bad("output-is-a-folder", "taken.safetensors", _folder), UNDER_A
 CORPUS: dict[str, list[Bad]] = {
     "latents": LATENTS,
     "images": IMAGES,
+    "sources": IMAGES + VAES,  # cache's SRC: images, folders of them, lists; a VAE file is none of those
     "vae": VAES,
     "vae_dir": FOLDERS,
     "output": OUTPUT_FOLDERS,
