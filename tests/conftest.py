@@ -14,6 +14,11 @@ os.environ["VAEBATCH_CPU_LAYOUT"] = "contiguous"
 # tests/engine unsets it (the ``cpu_chunks_by_memory`` fixture).
 os.environ["VAEBATCH_CPU_CHUNK"] = "1"
 
+# Under pytest-xdist (./dev.sh test runs -n auto) the workers share the cores: each gets its share
+# of torch threads, so N workers do not run N × cores threads that preempt each other.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
