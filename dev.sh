@@ -3,11 +3,13 @@
 # pinned by requirements/constraints.txt, torch held at the CPU build so no CUDA wheels are pulled).
 #
 #   ./dev.sh demo [ARGS]     encode sample images, decode them back, save them with metadata
-#   ./dev.sh test [ARGS]     lint (ruff) and run the test suite (pytest ARGS)
+#   ./dev.sh test [ARGS]     lint (ruff) and run the test suite (pytest ARGS) on every core
+#                            (pytest-xdist -n auto; VAEBATCH_TEST_WORKERS=N or ARGS -n 0 to change it)
 #   ./dev.sh bench [ARGS]    run the decode throughput benchmark (bench/bench_decode.py ARGS)
 #   ./dev.sh py ARGS         run the venv's python (e.g. ./dev.sh py -m lib_vaebatch --help)
 #   ./dev.sh setup           only create/refresh the environment
 #   ./dev.sh setup-gradio4   also create .venv-gradio4 (gradio 4.40, Forge's UI stack) for its tests
+#   ./dev.sh setup-a1111     only create/refresh .venv-a1111 (see test-a1111)
 #   ./dev.sh test-a1111 [ARGS]
 #                            the suite on A1111 1.10.1's own stack (Python 3.10, torch 2.1.2 CUDA build
 #                            run on the CPU, gradio 3.41.2, pydantic 1; requirements/constraints-a1111.txt)
@@ -133,16 +135,16 @@ case "$cmd" in
         setup
         "$VENV/bin/python" -m ruff check .
         "$VENV/bin/python" -m ruff format --check .
-        exec "$VENV/bin/python" -m pytest "$@"
+        exec "$VENV/bin/python" -m pytest -n "${VAEBATCH_TEST_WORKERS:-auto}" "$@"
         ;;
+    setup-a1111) setup_a1111 ;;
     test-a1111)
         setup_a1111
-        exec .venv-a1111/bin/python -m pytest \
+        exec .venv-a1111/bin/python -m pytest -n "${VAEBATCH_TEST_WORKERS:-auto}" \
             --ignore=tests/ui/test_browser.py --ignore=tests/ui/test_gradio4.py "$@"
         ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
     gpu-check) gpu_check "$@" ;;
     py) setup; exec "$VENV/bin/python" "$@" ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

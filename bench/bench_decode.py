@@ -7,9 +7,10 @@ methods interleaved within each repeat (in rotating order) so drift hits them al
     ./dev.sh bench                         # CPU: 256 and 512, batch 1/4/8, 3 repeats
     ./dev.sh bench --sizes 256 --batches 1 4 --repeats 3 --name quick
 
-Before the measured runs, each method decodes once at each size, and the engine runs until its
-CPU layout probe (lib_vaebatch/layout.py) has decided for that shape: first-call costs and
-the probe, which a long-running process pays once, are out of the measurement. The JSON records
+Before the measured runs, each method decodes once at each size, and the engine runs each batch
+until its CPU layout probe (lib_vaebatch/layout.py) has decided for every chunk shape the engine
+plans for it: first-call costs and the probe, which a long-running process pays once per shape,
+are out of the measurement. The JSON records
 the machine (CPU model, cores, torch version and threads, load average before and after), the
 engine's layout decision and the largest difference between the engine's and the other outputs.
 
@@ -141,26 +142,38 @@ def main() -> int:
         write(name, payload, table)
         return table
 
+    last_out: dict[str, object] = {}
+
+    def keep(m: str, out: object) -> None:
+        last_out[m] = out  # the last timed output of each method, compared once the row is done
+
+    def settle(lat: torch.Tensor) -> set[str]:
+        """Run the engine on ``lat`` until its layout probe (a few real decodes, once per process
+        and input shape) has decided for every chunk shape it plans; the layouts it chose."""
+        for _ in range(16):
+            engine(lat)
+            keys = [("decode", (c, *lat.shape[1:]), dtype, device) for c in set(last_chunks)]
+            found = [vae.tuner.decision(vae.module, k) for k in keys]
+            if device.type != "cpu" or all(d is not None for d in found):
+                return {d.name for d in found if d is not None}
+        return set()
+
     for size in args.sizes:
         warm = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
         for fn in fns.values():
             fn(warm)  # first-call costs (allocator, autotuning) out of the measurement
-        key = ("decode", (1, 4, size // 8, size // 8), dtype, device)
-        for _ in range(16):  # the engine's layout probe: a few real decodes, once per process
-            if vae.tuner.decision(vae.module, key) is not None or device.type != "cpu":
-                break
-            engine(warm)
-        decision = vae.tuner.decision(vae.module, key)
+        settle(warm)
         # On one sample at the first size (three more decodes there; the layouts do not change
         # with the size).
         accuracy = _accuracy(engine, a1111, plain_cl, warm) if size == args.sizes[0] else None
         for batch in args.batches:
             lat = torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(batch))
+            decisions = settle(lat)  # the engine's chunks of this batch have their own input shapes
             times: dict[str, list[float]] = {m: [] for m in methods}
             for r in range(args.repeats):
                 order = methods[r % len(methods) :] + methods[: r % len(methods)]  # no method always first
                 for m in order:
-                    times[m].append(timed(lambda m=m, lat=lat: fns[m](lat), device))
+                    times[m].append(timed(lambda m=m, lat=lat: keep(m, fns[m](lat)), device))
                 print(
                     f"size {size} batch {batch} repeat {r + 1}: "
                     + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods),
@@ -183,10 +196,12 @@ def main() -> int:
                         default=None,
                     ),
                     "engine_chunks": list(last_chunks),
-                    "engine_layout": decision.name if decision is not None else None,
+                    "engine_layout": "+".join(sorted(decisions)) or None,
                     "max_abs_diff": accuracy,
+                    "max_abs_diff_batch": _batch_accuracy(last_out),
                 }
             )
+            last_out.clear()
             report(final=False)  # partial results survive an interrupted run
 
     table = report(final=True)
@@ -203,6 +218,18 @@ def _accuracy(engine, a1111, plain_cl, lat: torch.Tensor) -> dict[str, float]:
         "vs_a1111": float((ours - a1111(lat)[0].float()).abs().max()),
         "vs_plain_channels_last": float((ours - plain_cl(lat)[0].float()).abs().max()),
     }
+
+
+def _batch_accuracy(out: dict[str, object]) -> dict[str, float]:
+    """Largest absolute difference of the engine's output for the whole batch (its last timed
+    run) from each baseline's last timed output."""
+    ours = torch.stack(out["engine"].outputs).float()  # type: ignore[attr-defined]
+    diffs = {}
+    for m, theirs in out.items():
+        if m != "engine":
+            ref = torch.stack(list(theirs)) if isinstance(theirs, list) else theirs
+            diffs[f"vs_{m}"] = float((ours - ref.float()).abs().max())  # type: ignore[union-attr]
+    return diffs
 
 
 if __name__ == "__main__":

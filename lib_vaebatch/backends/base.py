@@ -8,6 +8,7 @@ the sampler's space is the engine's job, with the constants the backend reports 
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ SD_DECODE_BYTES_PER_PIXEL = 1250.0
 SD_ENCODE_BYTES_PER_PIXEL = 850.0
 SD_DECODE_FIXED_BYTES = 160 << 20
 SD_ENCODE_FIXED_BYTES = 64 << 20
+
+#: ``VAEBATCH_CPU_CHUNK=N``: at most N samples per chunk on the CPU (see ``max_efficient_chunk``).
+CPU_CHUNK_ENV = "VAEBATCH_CPU_CHUNK"
 
 
 @dataclass
@@ -119,11 +123,17 @@ class VAEBackend(ABC):
     def max_efficient_chunk(self, op: Op) -> int | None:
         """Largest chunk worth running at once, regardless of memory (None: memory decides).
 
-        Convolutional VAEs on the CPU gain nothing from batching (measured: 256x256, batch 4 is as
-        slow per image as batch 1) while peak memory grows with the chunk, so they decode one at a
-        time there.
+        None for module VAEs on every device, the CPU included: there a batch of 4 in the layout
+        the probe keeps (lib_vaebatch/layout.py) decodes faster per image than 4 single-sample calls
+        (issue 13: a plain channels-last decode of the whole batch was ahead of the engine's
+        one-sample chunks), and the memory model keeps the chunk within free RAM.
+        ``VAEBATCH_CPU_CHUNK=N`` caps CPU chunks at N for the whole process (the test suite sets 1,
+        so the host glue tests compare with the hosts' own one-at-a-time loops).
         """
-        return 1 if self.device.type == "cpu" else None
+        if self.device.type == "cpu" and (fixed := os.environ.get(CPU_CHUNK_ENV, "").strip()):
+            with contextlib.suppress(ValueError):
+                return max(1, int(fixed))
+        return None
 
     def free_bytes(self) -> int | None:
         """Bytes free for this VAE's work as its host's memory manager sees them (Forge), or None

@@ -64,7 +64,7 @@ class Offloader:
         flags = finite_flags(out) if check else None
         if self._pinned:
             return self._submit_pinned(out, flags)
-        moved = out.to(self.target)
+        moved = out.to(self.target).contiguous()  # a batched CPU conv may return channels_last
         flag_list = flags.tolist() if flags is not None else [True] * out.shape[0]
         landed = Landed(list(moved.unbind(0)), flag_list)
         return Pending(lambda: landed)

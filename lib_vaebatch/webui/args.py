@@ -95,7 +95,7 @@ ARGS: tuple[Arg, ...] = (
         "from free memory, NaN/Inf check of every image with recovery of only the failed ones, "
         "out-of-memory recovery that keeps finished images."),
     Arg("chunk", "Max chunk (0 = auto)", "int", 0,
-        "Most images decoded at once. 0 plans the chunk from free memory (one at a time on CPU).",
+        "Most images decoded at once. 0 plans the chunk from free memory.",
         minimum=0, maximum=64, axis=True),
     Arg("nan_check", "Check for NaN/Inf", "bool", True,
         "Check every pixel of every decoded image for NaN or Inf and re-decode only the failed images "

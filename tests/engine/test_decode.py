@@ -8,6 +8,7 @@ import torch
 from bench.baselines import a1111_decode_latent_batch
 from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
 from lib_vaebatch.engine.options import EngineOptions
+from lib_vaebatch.engine.planner import estimate_bytes
 from lib_vaebatch.engine.results import Status
 from lib_vaebatch.families import to_raw
 from tests.support import (
@@ -58,9 +59,23 @@ def test_per_sample_mode_reproduces_a1111_loop_exactly(vae):
         assert torch.equal(a, b.float())
 
 
-def test_cpu_plans_one_sample_per_chunk_for_conv_vaes(vae):
-    result = decode_latents(vae, marked_latents(3))
-    assert result.chunk_sizes == [1, 1, 1]  # batching gains nothing on CPU (measured; see docs)
+@pytest.mark.usefixtures("cpu_chunks_by_memory")
+def test_cpu_chunks_are_planned_by_memory(vae):
+    # Batching pays on the CPU too (issue 13), so memory alone bounds the chunk there.
+    latents = marked_latents(3)
+    whole = decode_latents(vae, latents, options=EngineOptions(memory_budget=1 << 40))
+    assert whole.chunk_sizes == [3]
+    pixels = latents.shape[-2] * latents.shape[-1] * vae.downscale**2
+    one = vae.fixed_bytes("decode") + estimate_bytes(vae, "decode", pixels, vae.dtype)
+    tight = decode_latents(vae, latents, options=EngineOptions(memory_budget=one))
+    assert tight.chunk_sizes == [1, 1, 1]
+
+
+def test_the_cpu_chunk_cap_from_the_environment(vae, monkeypatch):
+    monkeypatch.setenv("VAEBATCH_CPU_CHUNK", "2")
+    assert decode_latents(vae, marked_latents(3)).chunk_sizes == [2, 1]
+    monkeypatch.setenv("VAEBATCH_CPU_CHUNK", "not a number")
+    assert decode_latents(vae, marked_latents(3)).chunk_sizes == [3]
 
 
 @pytest.mark.parametrize("ov", OVERFLOWS)
@@ -227,7 +242,9 @@ def test_cancel_returns_the_finished_samples(vae):
     def progress(done, total, text):
         seen.append(done)
 
-    result = decode_latents(vae, latents, progress=progress, cancel=lambda: len(seen) >= 2)
+    result = decode_latents(
+        vae, latents, options=EngineOptions(max_chunk=1), progress=progress, cancel=lambda: len(seen) >= 2
+    )
     assert result.cancelled
     assert [r.status for r in result.reports] == [
         Status.OK,

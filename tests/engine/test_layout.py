@@ -21,6 +21,9 @@ from tests.support import marked_latents, tiny_backend
 
 CL = torch.channels_last
 
+#: Chunks as the engine plans them on the CPU (by memory), not the suite's one sample at a time.
+pytestmark = pytest.mark.usefixtures("cpu_chunks_by_memory")
+
 
 class LayoutClock:
     """A clock that advances, per decoder call, by the cost of the layout that call really ran in
@@ -135,7 +138,8 @@ def test_one_candidate_needs_no_probe():
 @pytest.mark.parametrize(("cl_cost", "contiguous_cost", "winner"), [(1.0, 3.0, True), (3.0, 1.0, False)])
 def test_the_engine_runs_the_layout_that_really_ran_faster(cl_cost, contiguous_cost, winner):
     vae, clock = _tuned(cl_cost, contiguous_cost)
-    result = decode_latents(vae, marked_latents(7, size=8))
+    one = EngineOptions(max_chunk=1)  # one call per sample, so each call is one probe step
+    result = decode_latents(vae, marked_latents(7, size=8), options=one)
     assert result.ok
     # Four timed calls (channels-last, contiguous, contiguous, channels-last), then the winner.
     assert clock.seen[:4] == [True, False, False, True]
@@ -144,11 +148,14 @@ def test_the_engine_runs_the_layout_that_really_ran_faster(cl_cost, contiguous_c
     assert vae.tuner.decision(vae.module, key).channels_last is winner
     # The decision is kept for the next job (no new probe) ...
     clock.seen.clear()
-    decode_latents(vae, marked_latents(2, size=8))
+    decode_latents(vae, marked_latents(2, size=8), options=one)
     assert clock.seen == [winner] * 2
-    # ... and a new shape is probed again.
+    # ... and a new shape is probed again: another size, or a chunk of another batch size.
     clock.seen.clear()
     decode_latents(vae, marked_latents(1, size=16))
+    assert clock.seen == [True]
+    clock.seen.clear()
+    decode_latents(vae, marked_latents(2, size=8))
     assert clock.seen == [True]
 
 
@@ -169,11 +176,12 @@ def test_channels_last_outputs_equal_a_plain_channels_last_decode():
     vae = tiny_backend()
     latents = marked_latents(3, size=16)
     result = decode_latents(vae, latents, options=EngineOptions(cpu_layout="channels-last"))
+    assert result.chunk_sizes == [3]
     other = tiny_backend()  # same seed, same weights
     torch.nn.Module.to(other.module, memory_format=CL)
     with torch.inference_mode():
         z = to_raw(latents, vae.scaling_factor, vae.shift_factor).contiguous(memory_format=CL)
-        plain = torch.cat([other.module.decode(z[i : i + 1]).sample for i in range(3)])
+        plain = other.module.decode(z).sample  # the whole batch at once, as the plain decode does
     for out, ref in zip(result.outputs, plain, strict=True):
         assert torch.equal(out, ref)
 
@@ -205,7 +213,8 @@ def test_tiles_in_a_channels_last_job_run_on_the_original_weights_and_match():
     tiled = decode_latents(
         vae, latents, options=EngineOptions(cpu_layout="channels-last", tiling="always", tile_size=16)
     )
-    plain = decode_latents(vae, latents, options=EngineOptions(cpu_layout="contiguous"))
+    # Tiles run one sample at a time; so does the reference (a batched conv rounds differently).
+    plain = decode_latents(vae, latents, options=EngineOptions(cpu_layout="contiguous", max_chunk=1))
     assert all(r.tiled for r in tiled.reports)
     for a, b in zip(tiled.outputs, plain.outputs, strict=True):
         assert (a - b).abs().max().item() <= 1e-5
@@ -296,7 +305,8 @@ def test_auto_encodes_are_not_probed():
         lambda m, a: seen.append(m.weight.is_contiguous(memory_format=CL))
     )
     encode_pixels(vae, torch.zeros(3, 3, 64, 64))
-    assert seen == [False] * 3
+    encode_pixels(vae, torch.zeros(1, 3, 64, 64))
+    assert seen == [False, False]  # a chunk of 3, then one of 1: neither channels-last
 
 
 def test_the_environment_can_fix_the_layout(monkeypatch):

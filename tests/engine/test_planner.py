@@ -63,9 +63,11 @@ def test_fp16_plans_twice_the_chunk_of_fp32(vae):
     assert b >= 2 * a - 1
 
 
-def test_per_sample_mode_and_cpu_throughput_cap():
-    real = tiny_backend()
-    assert plan_chunk(real, "decode", 64 * 64, 8, EngineOptions(memory_budget=1 << 40)).chunk == 1
+@pytest.mark.usefixtures("cpu_chunks_by_memory")
+def test_per_sample_mode_and_memory_alone_on_cpu():
+    real = tiny_backend()  # batching pays on the CPU too (issue 13): no throughput cap there
+    plan = plan_chunk(real, "decode", 64 * 64, 8, EngineOptions(memory_budget=1 << 40))
+    assert plan.chunk == 8 and plan.reason == "limited by remaining"
     assert plan_chunk(ApproxVAE(), "decode", 64 * 64, 8, EngineOptions(memory_budget=1 << 40)).chunk == 8
     plan = plan_chunk(ApproxVAE(), "decode", 64 * 64, 8, EngineOptions(chunk_mode="per-sample"))
     assert plan.chunk == 1 and plan.reason == "per-sample mode"
