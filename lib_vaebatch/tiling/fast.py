@@ -27,11 +27,9 @@ import torch
 
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, _base_hw, count_units, run_steps
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
-from lib_vaebatch.tiling.ops import Region, grid
+from lib_vaebatch.tiling.ops import Region, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
 from lib_vaebatch.tiling.stats import ChannelStats, Moments, norm_affine
-
-MIN_SAMPLE_TILES = 8
 
 
 def default_segment(program: Program) -> tuple[int, int]:
@@ -48,18 +46,6 @@ def default_segment(program: Program) -> tuple[int, int]:
     if end is None or end + 1 not in cuts:
         raise TilingUnsupportedError("no clean cut after the encoder's first resolution stage")
     return 0, end + 1
-
-
-def sample_tiles(rows: int, cols: int) -> list[int]:
-    """Tile indices (row-major) whose statistics stand for the whole image: all tiles when there
-    are few, every other row and column on large grids, else a checkerboard."""
-    total = rows * cols
-    if total <= MIN_SAMPLE_TILES:
-        return list(range(total))
-    sparse = [r * cols + c for r in range(0, rows, 2) for c in range(0, cols, 2)]
-    if len(sparse) >= MIN_SAMPLE_TILES:
-        return sparse
-    return [r * cols + c for r in range(rows) for c in range(cols) if (r + c) % 2 == 0]
 
 
 def _proxy_moments(

@@ -168,3 +168,19 @@ def grid(height: int, width: int, tile: int) -> list[Region]:
     return [
         Region(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)
     ]
+
+
+#: With at most this many tiles, fast mode samples them all (its statistics are then exact).
+MIN_SAMPLE_TILES = 8
+
+
+def sample_tiles(rows: int, cols: int) -> list[int]:
+    """Tile indices (row-major) whose statistics stand for the whole image: all tiles when there
+    are few, every other row and column on large grids, else a checkerboard."""
+    total = rows * cols
+    if total <= MIN_SAMPLE_TILES:
+        return list(range(total))
+    sparse = [r * cols + c for r in range(0, rows, 2) for c in range(0, cols, 2)]
+    if len(sparse) >= MIN_SAMPLE_TILES:
+        return sparse
+    return [r * cols + c for r in range(rows) for c in range(cols) if (r + c) % 2 == 0]

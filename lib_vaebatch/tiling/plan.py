@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from lib_vaebatch.tiling.ops import Region, grid
+from lib_vaebatch.tiling.ops import Region, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program
 
 Mode = Literal["exact", "fast"]
@@ -110,7 +110,6 @@ def fast_segment_peak(
 ) -> float:
     """Planned peak elements of the independent segment of a fast run (its whole input and output,
     the sample tiles in lockstep or the proxy, one tile's temporaries)."""
-    from lib_vaebatch.tiling.fast import sample_tiles
 
     cores = grid(base[0], base[1], tile)
     rows = len({c.y0 for c in cores})
