@@ -146,7 +146,6 @@ def _plan_fast(program: Program, base: tuple[int, int], settings: TileSettings, 
 
 def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
                 dtype: torch.dtype) -> TilePlan:  # fmt: skip
-    size = torch.empty((), dtype=dtype).element_size()
     f_out = int(program.scales[-1] / min(program.scales))
     out_bytes = 4 * batch * (program.out_channels + 1) * base[0] * base[1] * f_out * f_out
     plans, costs = [], []
@@ -157,7 +156,6 @@ def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings,
         tile_out = 2 * 4 * batch * program.out_channels * crop[0] * crop[1] * f_out * f_out
         plans.append(TilePlan("plain", tile, whole.peak + out_bytes + tile_out))
         costs.append(-tile)
-    del size
     return _pick(plans, costs, settings.budget, settings.leanest)
 
 

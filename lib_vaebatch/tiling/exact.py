@@ -189,16 +189,29 @@ def run_exact(
 ) -> torch.Tensor:
     """Run ``program`` on ``x`` ``[B, C, H, W]`` in tiles of ``tile`` pixels at the program's lowest
     resolution (latent pixels). Equals the untiled forward up to float rounding."""
-    device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
-    base = _base_hw(program, x)
-    run = Run(program, tile, base, device, store or device, progress, cancel)
+    run = start_run(program, x, tile, store, progress, cancel)
     run.total = count_units(run, 0, len(program.steps))
+    run_steps(run, 0, len(program.steps))
+    return run.values[len(program.steps)]
+
+
+def start_run(
+    program: Program,
+    x: torch.Tensor,
+    tile: int,
+    store: torch.device | None,
+    progress: TileProgress | None,
+    cancel: TileCancel | None,
+) -> Run:
+    """The state of a tiled call with its input in place (and that input's statistics, if a norm
+    reads it); the executors set ``total`` and run the steps."""
+    device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
+    run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel)
     run.values[0] = x.to(run.store)
     if program.needs_stats()[0]:
         run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)
         run.stats[0].add(x.to(device))
-    run_steps(run, 0, len(program.steps))
-    return run.values[len(program.steps)]
+    return run
 
 
 def _base_hw(program: Program, x: torch.Tensor) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, _base_hw, count_units, run_steps
+from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
 from lib_vaebatch.tiling.ops import Region, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
@@ -175,18 +175,13 @@ def run_fast(
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
         raise TilingUnsupportedError("attention cannot run in independent tiles")
-    device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
-    run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel)
+    run = start_run(program, x, tile, store, progress, cancel)
     n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
     before = prefix.segments if prefix is not None else ()
     after = suffix.segments if suffix is not None else ()
     total_before = schedule_units(run, prefix) if prefix is not None else count_units(run, 0, first)
     total_after = schedule_units(run, suffix) if suffix is not None else count_units(run, last, n)
     run.total = total_before + n_tiles * (last - first) + total_after
-    run.values[0] = x.to(run.store)
-    if program.needs_stats()[0]:
-        run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)
-        run.stats[0].add(x.to(device))
     if before:
         run_schedule(run, prefix)  # type: ignore[arg-type]
     else:

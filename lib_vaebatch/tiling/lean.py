@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, _base_hw, count_units, run_steps
+from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, input_regions, tile_edges
 from lib_vaebatch.tiling.program import Program
 from lib_vaebatch.tiling.stats import ChannelStats, norm_affine
@@ -466,12 +466,7 @@ def run_lean(
     cancel: TileCancel | None = None,
 ) -> torch.Tensor:
     """Run ``program`` on ``x`` by the schedule ``plan`` (see :func:`schedule`); exact."""
-    device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
-    run = Run(program, plan.tile, _base_hw(program, x), device, store or device, progress, cancel)
+    run = start_run(program, x, plan.tile, store, progress, cancel)
     run.total = schedule_units(run, plan)
-    run.values[0] = x.to(run.store)
-    if program.needs_stats()[0]:
-        run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)
-        run.stats[0].add(x.to(device))
     run_schedule(run, plan)
     return run.values[len(program.steps)]
