@@ -1,9 +1,11 @@
 """Memory bounded by the tile: a budget sweep of the exact planner (whole values where they fit,
-recomputation where not) against the untiled decode, today's exact mode, fast mode and the peers'
-single pass (independent tiles of 64 with an overlap of 16, run with the same module), on one
-structured latent of the SD-architecture VAE (random weights, fp32). Each configuration runs in its
-own subprocess (bench/tiling_child.py): peak = rise of the process's peak RSS during the call;
-PSNR of the 8-bit image against the untiled decode.
+spilled to a temporary file where not: the engine's default; ``--recompute`` budgets: recomputation
+instead of spilling) and of fast mode, against the untiled decode, exact mode with whole values and
+the peers' single pass (independent tiles of 64 with an overlap of 16, run with the same module),
+on one structured latent of the SD-architecture VAE (random weights, fp32). Each configuration runs
+in its own subprocess (bench/tiling_child.py): peak = rise of the process's peak RSS during the
+call (spilled values live in the kernel's page cache or on disk, not in the process: the table
+gives their planned size); PSNR of the 8-bit image against the untiled decode.
 
     ./dev.sh py bench/bench_lean.py --size 1024 --budgets 0.6 1 1.5 2 4
 """
@@ -39,12 +41,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.6, 1.0, 1.5, 2.0, 4.0], help="GiB")
+    ap.add_argument("--recompute", type=float, nargs="*", default=[], help="GiB, exact without spilling")
+    ap.add_argument("--fast", type=float, nargs="*", default=[], help="GiB, fast mode within a budget")
     ap.add_argument("--modes", nargs="+", default=["untiled", "exact", "fast", "single64"])
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     from safetensors.torch import load_file
 
     configs = list(args.modes) + [f"exact@{int(b * 2**30)}" for b in args.budgets]
+    configs += [f"recompute@{int(b * 2**30)}" for b in args.recompute]
+    configs += [f"fast@{int(b * 2**30)}" for b in args.fast]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ref = None
@@ -85,20 +91,21 @@ def main() -> int:
         "",
         (
             "| mode | budget GiB | ran | tile | time s | × untiled | peak GiB | × single pass 64/16 "
-            "| planned GiB | PSNR dB |"
+            "| planned GiB | spilled GiB | PSNR dB |"
         ),
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         b = f"{r['budget_bytes'] / 2**30:.2f}" if "budget_bytes" in r else ""
         tr = f"{r['seconds'] / base['seconds']:.2f}×" if base else ""
         mr = f"{r['peak_bytes'] / single['peak_bytes']:.2f}×" if single else ""
         pl = f"{r['planned_bytes'] / 2**30:.2f}" if r.get("planned_bytes") else ""
+        sp = f"{r['spilled_bytes'] / 2**30:.2f}" if r.get("spilled_bytes") else ""
         ps = "∞" if r["psnr"] == math.inf else f"{r['psnr']:.1f}" if r["psnr"] is not None else ""
         ran = r.get("used_mode") or ("plain" if r["mode"] == "single64" else "untiled")
         tile = r.get("used_tile") or ""
         lines.append(f"| {r['mode'].split('@')[0]} | {b} | {ran} | {tile} | {r['seconds']:.1f} "
-                     f"| {tr} | {r['peak_bytes'] / 2**30:.2f} | {mr} | {pl} | {ps} |")  # fmt: skip
+                     f"| {tr} | {r['peak_bytes'] / 2**30:.2f} | {mr} | {pl} | {sp} | {ps} |")  # fmt: skip
     table = "\n".join(lines)
     name = args.name or f"lean-cpu-{args.size}"
     js, md = write(name, {"benchmark": "lean", "machine": info, "size": args.size, "rows": rows}, table)

@@ -3,8 +3,10 @@
 python bench/tiling_child.py OP SIZE CHANNELS MODE TILE DTYPE DEVICE [SAVE]   -> one JSON line
 
 MODE: untiled, exact, fast, auto, plain, or one of them with a memory budget in bytes
-(``exact@1073741824``); ``single64`` is the peers' single pass (independent tiles of 64 latent
-pixels with an overlap of 16, our plain tiles). SAVE: write the output there (safetensors).
+(``exact@1073741824``), exact and fast spilling whole values that do not fit the budget to a
+temporary file as the engine does; ``recompute`` is exact without spilling (recomputation only);
+``single64`` is the peers' single pass (independent tiles of 64 latent pixels with an overlap of 16,
+our plain tiles). SAVE: write the output there (safetensors).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import sd_vae
-from lib_vaebatch.devices import parse_dtype
-from lib_vaebatch.tiling import TileSettings, run_tiled
+from lib_vaebatch.devices import free_memory, parse_dtype
+from lib_vaebatch.tiling import TileSettings, default_store, run_tiled
 from lib_vaebatch.tiling.plain import run_plain
 
 
@@ -42,6 +44,7 @@ def main() -> None:
         name if name in ("exact", "fast", "auto", "plain") else "exact",  # type: ignore[arg-type]
         int(tile) if tile != "auto" else None,
         budget=int(budget) if budget else None,
+        spill=None if name == "recompute" else default_store(device, free_memory(torch.device("cpu"))),
     )
     gen = torch.Generator().manual_seed(0)
 
@@ -89,7 +92,8 @@ def main() -> None:
 
         save_file({"out": out.float().contiguous().cpu()}, save)
     print(json.dumps({"seconds": seconds, "peak_bytes": peak, "used_mode": settings.used_mode,
-                      "planned_bytes": settings.planned_bytes, "used_tile": settings.used_tile}))  # fmt: skip
+                      "planned_bytes": settings.planned_bytes, "used_tile": settings.used_tile,
+                      "spilled_bytes": settings.spilled_bytes}))  # fmt: skip
 
 
 if __name__ == "__main__":

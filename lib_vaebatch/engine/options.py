@@ -48,13 +48,18 @@ class EngineOptions:
     output_dtype: str = "fp32"
     #: "auto": tiles only when needed (OOM at chunk 1, or one sample over budget); "always"; "never".
     tiling: TilingMode = "auto"
-    #: "exact": tiled output equals untiled (where whole values do not fit the budget, parts are
-    #: recomputed: "exact-lean", slower); "fast": high-resolution stage in independent tiles with
-    #: estimated statistics (close but not identical output); "auto": exact where it fits the
+    #: "exact": tiled output equals untiled (where whole values do not fit the budget, they are
+    #: spilled, see ``spill``: "exact-spill", or parts are recomputed: "exact-lean", slower);
+    #: "fast": high-resolution stage in independent tiles with estimated statistics (close but
+    #: not identical output); "auto": exact where it fits the
     #: budget, else fast; "plain": independent tiles blended over an overlap (the peers' method,
     #: not exact: for comparison). Whatever is chosen, after out-of-memory errors the engine steps
     #: down to leaner variants, ending with plain tiles, and reports what ran.
     tile_mode: TileMode = "exact"
+    #: Exact tiles may keep whole values that do not fit the budget outside it: in host memory on
+    #: CUDA, in a temporary file on the CPU (directory: $VAEBATCH_SPILL_DIR, else the system's temp
+    #: directory; unlinked at once, at most half its free space). False: recompute instead.
+    spill: bool = True
     #: Tile size in latent pixels (image pixels / 8), at least 8 (None: planned from free memory).
     tile_size: int | None = None
     #: Share of free memory a chunk may plan for.

@@ -82,7 +82,7 @@ class BatchResult:
             if set(modes) == {"exact"}:
                 parts.append(f"tiled ×{tiled}")
             else:
-                order = ("exact", "exact-lean", "fast", "plain")
+                order = ("exact", "exact-spill", "exact-lean", "fast", "plain")
                 named = {"plain": "plain tiles"}
                 detail = ", ".join(f"{named.get(m, m)} ×{modes[m]}" for m in order if m in modes)
                 parts.append(f"tiled ×{tiled} ({detail})")

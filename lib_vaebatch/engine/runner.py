@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from lib_vaebatch.backends.base import Op, VAEBackend
-from lib_vaebatch.devices import dtype_name, empty_cache, is_oom, resolve_device, robustness
+from lib_vaebatch.devices import dtype_name, empty_cache, free_memory, is_oom, resolve_device, robustness
 from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
-from lib_vaebatch.tiling import MIN_TILE, TileSettings, TilingCancelledError
+from lib_vaebatch.tiling import MIN_TILE, TileSettings, TilingCancelledError, default_store
 
 log = logging.getLogger("vaebatch")
 
@@ -58,16 +58,19 @@ class _Launch:
     oom: bool = False
     cancelled: bool = False
     tile: int | None = None  # the tile size a tiled launch ran with
-    mode: str | None = None  # what a tiled launch ran: exact, exact-lean, fast or plain
+    mode: str | None = None  # what a tiled launch ran: exact, exact-spill, exact-lean, fast or plain
     planned: int | None = None  # its planned peak bytes
     least: int | None = None  # the lowest planned peak of that mode for this input
 
 
 def _label(mode: str | None) -> str:
     """How a tile mode reads in events and reports."""
-    return {"plain": "plain tiles", "fast": "fast tiles", "exact-lean": "exact-lean tiles"}.get(
-        mode or "exact", "tiles"
-    )
+    return {
+        "plain": "plain tiles",
+        "fast": "fast tiles",
+        "exact-lean": "exact-lean tiles",
+        "exact-spill": "exact-spill tiles",
+    }.get(mode or "exact", "tiles")
 
 
 def _non_finite_counts(x: torch.Tensor) -> str:
@@ -282,7 +285,13 @@ class BatchRunner:
         budget = memory_budget(self.backend, self.options)
         if self._tile_bytes is not None:
             budget = min(budget, self._tile_bytes)
+        spill = None
+        if self.options.spill:
+            device = self.backend.device
+            host = free_memory(torch.device("cpu")) if device.type == "cuda" else None
+            spill = default_store(device, host)
         return TileSettings(
+            spill=spill,
             mode=self._tile_rung or self.options.tile_mode,  # type: ignore[arg-type]
             tile_size=self.options.tile_size if self._tile_rung is None else None,
             max_tile=self._tile_cap,
@@ -303,10 +312,10 @@ class BatchRunner:
             self._tile_cap = max(MIN_TILE, tile // 2)
             return f"{where}; retrying with tiles of {self._tile_cap}"
         planned, least = launch.planned, launch.least
-        if mode in ("exact", "exact-lean") and planned is not None and least is not None and planned > least:
+        if mode.startswith("exact") and planned is not None and least is not None and planned > least:
             self._tile_bytes = max(least, planned // 2)
             return f"{where}; retrying exact within {self._tile_bytes / 2**20:.0f} MiB (recomputing more)"
-        if mode in ("exact", "exact-lean") and self.backend.supports_tiling(self.op):
+        if mode.startswith("exact") and self.backend.supports_tiling(self.op):
             self._tile_rung, self._tile_cap = "fast", None
             return f"{where}; retrying in fast tiles (estimated statistics)"
         if mode != "plain":

@@ -2,8 +2,10 @@
 
 ``exact`` mode runs the VAE one step at a time over the whole image in tiles, with GroupNorm
 statistics gathered from all tile cores: the result equals the untiled forward up to float rounding.
-Where whole values do not fit the budget, parts of the program are recomputed from lower-resolution
-values kept whole instead ("exact-lean", :mod:`lib_vaebatch.tiling.lean`). ``fast`` mode runs the
+Where whole values do not fit the budget, they are kept in a spill store (host memory for a CUDA
+run, a temporary file for a CPU run: "exact-spill", :mod:`lib_vaebatch.tiling.spill`), or parts of
+the program are recomputed from lower-resolution values kept whole instead ("exact-lean",
+:mod:`lib_vaebatch.tiling.lean`). ``fast`` mode runs the
 high-resolution stage as independent tiles with estimated statistics (see
 :mod:`lib_vaebatch.tiling.fast`). ``auto`` takes exact where it fits the budget, else fast. ``plain``
 is the peers' method, independent tiles blended over an overlap (:mod:`lib_vaebatch.tiling.plain`):
@@ -13,14 +15,15 @@ ldm/sgm/SD3 layout (:mod:`lib_vaebatch.tiling.program`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from lib_vaebatch.tiling.exact import TileCancel, TileProgress, TilingCancelledError, _base_hw
-from lib_vaebatch.tiling.fast import default_segment, run_fast
-from lib_vaebatch.tiling.lean import WORKSPACE_FACTOR, Schedule, run_lean, schedule
+from lib_vaebatch.tiling.fast import default_segment, lean_segment_plan, run_fast
+from lib_vaebatch.tiling.lean import SPILL_MACS_PER_BYTE, WORKSPACE_FACTOR, Schedule, run_lean, schedule
 from lib_vaebatch.tiling.plain import run_plain
 from lib_vaebatch.tiling.plan import (
     DEFAULT_WORKSPACE_FACTOR,
@@ -31,15 +34,18 @@ from lib_vaebatch.tiling.plan import (
     fast_segment_peak,
 )
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError, decoder_program, encoder_program
+from lib_vaebatch.tiling.spill import SpillStore, default_store
 
 __all__ = [
     "MIN_TILE",
     "TILE_MODES",
     "Program",
+    "SpillStore",
     "TileSettings",
     "TilingCancelledError",
     "TilingUnsupportedError",
     "decoder_program",
+    "default_store",
     "encoder_program",
     "estimate_peak",
     "minimum_budget",
@@ -59,9 +65,10 @@ class TileSettings:
     """How to tile one call: mode, tile size in latent pixels (None: planned from ``budget``),
     ``max_tile`` a cap learnt from an out-of-memory error (it wins over a given or planned size),
     ``leanest`` the schedule with the lowest planned peak whatever it costs (a rung of the engine's
-    out-of-memory ladder). After the call, ``used_tile``, ``used_mode`` ("exact", "exact-lean",
-    "fast" or "plain"), ``planned_bytes`` say what ran, and ``least_bytes`` the lowest planned peak
-    of that mode for the input (the leanest variant)."""
+    out-of-memory ladder), ``spill`` where exact schedules may keep whole values that do not fit
+    (None: nowhere). After the call, ``used_tile``, ``used_mode`` ("exact", "exact-spill",
+    "exact-lean", "fast" or "plain"), ``planned_bytes`` and ``spilled_bytes`` say what ran, and
+    ``least_bytes`` the lowest planned peak of that mode for the input (the leanest variant)."""
 
     mode: TileMode = "exact"
     tile_size: int | None = None
@@ -70,9 +77,11 @@ class TileSettings:
     cancel: TileCancel | None = None
     max_tile: int | None = None
     leanest: bool = False
+    spill: SpillStore | None = None
     used_tile: int | None = None
     used_mode: str | None = None
     planned_bytes: int | None = None
+    spilled_bytes: int | None = None
     least_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -86,13 +95,15 @@ class TileSettings:
 
 @dataclass
 class TilePlan:
-    mode: str  # "exact", "exact-lean", "fast" or "plain"
+    mode: str  # "exact", "exact-spill", "exact-lean", "fast" or "plain"
     tile: int
     planned_bytes: int
+    spilled_bytes: int = 0
     schedule: Schedule | None = None  # exact
     segment: tuple[int, int] | None = None  # fast
     prefix: Schedule | None = None  # fast
     suffix: Schedule | None = None  # fast
+    lean: bool = False  # fast: the stage itself through the spill store
 
 
 def _candidates(settings: TileSettings, base: tuple[int, int], sizes: tuple[int, ...]) -> list[int]:
@@ -119,10 +130,11 @@ def _pick(plans: list[TilePlan], costs: list[float], budget: int | None, leanest
 def _plan_exact(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
                 dtype: torch.dtype, factor: float | None) -> TilePlan:  # fmt: skip
     plans, costs = [], []
+    spill = settings.spill.limit if settings.spill is not None else None
     for tile in _candidates(settings, base, TILE_CANDIDATES):
         s = schedule(program, base, tile, budget=settings.budget, batch=batch, dtype=dtype,
-                     leanest=settings.leanest, factor=factor or WORKSPACE_FACTOR)  # fmt: skip
-        plans.append(TilePlan(s.label, tile, s.peak, schedule=s))
+                     leanest=settings.leanest, factor=factor or WORKSPACE_FACTOR, spill=spill)  # fmt: skip
+        plans.append(TilePlan(s.label, tile, s.peak, s.spilled, schedule=s))
         costs.append(s.cost)
     return _pick(plans, costs, settings.budget, settings.leanest)
 
@@ -134,14 +146,29 @@ def _plan_fast(program: Program, base: tuple[int, int], settings: TileSettings, 
     f = factor or DEFAULT_WORKSPACE_FACTOR
     plans, costs = [], []
     for tile in _candidates(settings, base, TILE_CANDIDATES):
-        kw = {"budget": settings.budget, "batch": batch, "dtype": dtype, "leanest": settings.leanest}
+        kw = {"budget": settings.budget, "batch": batch, "dtype": dtype, "leanest": settings.leanest,
+              "spill": settings.spill.limit if settings.spill is not None else None}  # fmt: skip
         prefix = schedule(program, base, tile, end=first, **kw)  # type: ignore[arg-type]
         suffix = schedule(program, base, tile, start=last, **kw)  # type: ignore[arg-type]
         seg = int(fast_segment_peak(program, base, tile, batch, first, last, f) * size)
         peak = max(prefix.peak, suffix.peak, seg)
-        plans.append(TilePlan("fast", tile, peak, segment=(first, last), prefix=prefix, suffix=suffix))
+        spilled = max(prefix.spilled, suffix.spilled)
+        plans.append(TilePlan("fast", tile, peak, spilled, segment=(first, last), prefix=prefix,
+                              suffix=suffix))  # fmt: skip
         costs.append(prefix.cost + suffix.cost)
+        if settings.spill is not None:
+            lean_peak, moved = lean_segment_plan(program, base, tile, batch, first, last, f)
+            lean_peak = max(prefix.peak, suffix.peak, int(lean_peak * size))
+            stage = sum(math.prod(program_value_shape(program, base, v, batch)) for v in (first, last))
+            plans.append(TilePlan("fast", tile, lean_peak, max(spilled, stage * size), segment=(first, last),
+                                  prefix=prefix, suffix=suffix, lean=True))  # fmt: skip
+            costs.append(prefix.cost + suffix.cost + SPILL_MACS_PER_BYTE * size * moved)
     return _pick(plans, costs, settings.budget, settings.leanest)
+
+
+def program_value_shape(program: Program, base: tuple[int, int], value: int, batch: int) -> tuple[int, ...]:
+    f = int(program.scales[value] / min(program.scales))
+    return (batch, program.channels[value], base[0] * f, base[1] * f)
 
 
 def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
@@ -184,11 +211,17 @@ def plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object 
 
 
 def minimum_budget(
-    program: Program, x: torch.Tensor, mode: TileMode = "exact", *, max_tile: int | None = None
+    program: Program,
+    x: torch.Tensor,
+    mode: TileMode = "exact",
+    *,
+    max_tile: int | None = None,
+    spill: SpillStore | None = None,
 ) -> int:
     """The smallest planned peak (bytes) of any tiled run of ``mode`` on ``x`` (tiles up to
-    ``max_tile``): the least budget the planner can keep."""
-    settings = TileSettings(mode=mode, leanest=True, budget=0, max_tile=max_tile)
+    ``max_tile``, values spilled to ``spill`` where that helps): the least budget the planner can
+    keep."""
+    settings = TileSettings(mode=mode, leanest=True, budget=0, max_tile=max_tile, spill=spill)
     return plan(program, x, settings).planned_bytes
 
 
@@ -201,21 +234,25 @@ def run_tiled(
     settings.used_tile = max(MIN_TILE, min(p.tile, max(_base_hw(program, x))))
     settings.used_mode = p.mode
     settings.planned_bytes = p.planned_bytes
+    settings.spilled_bytes = p.spilled_bytes
     family = "plain" if p.mode == "plain" else "fast" if p.mode == "fast" else "exact"
     settings.least_bytes = (
         p.planned_bytes
         if settings.leanest
-        else minimum_budget(program, x, family, max_tile=settings.max_tile)  # type: ignore[arg-type]
+        else minimum_budget(program, x, family, max_tile=settings.max_tile, spill=settings.spill)  # type: ignore[arg-type]
     )
+    spill = settings.spill
 
     def execute() -> torch.Tensor:
         if p.mode == "plain":
             return run_plain(program, x, tile=p.tile, progress=settings.progress, cancel=settings.cancel)
         if p.mode == "fast":
             return run_fast(program, x, tile=p.tile, segment=p.segment, progress=settings.progress,
-                            cancel=settings.cancel, prefix=p.prefix, suffix=p.suffix)  # fmt: skip
+                            cancel=settings.cancel, prefix=p.prefix, suffix=p.suffix, spill=spill,
+                            lean=p.lean)  # fmt: skip
         assert p.schedule is not None
-        return run_lean(program, x, p.schedule, progress=settings.progress, cancel=settings.cancel)
+        return run_lean(program, x, p.schedule, progress=settings.progress, cancel=settings.cancel,
+                        spill=spill)  # fmt: skip
 
     cal_mode = "fast" if p.mode == "fast" else "exact"
     if (

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, project
 from lib_vaebatch.tiling.program import Program, Step
+from lib_vaebatch.tiling.spill import DiskValue, SpillStore, resident
 from lib_vaebatch.tiling.stats import ChannelStats, apply_affine, norm_affine
 
 #: ``progress(done, total)`` in tile-steps; ``cancel()`` -> True stops between tiles.
@@ -40,8 +41,10 @@ class Run:
     cancel: TileCancel | None = None
     done: int = 0
     total: int = 0
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor | DiskValue] = field(default_factory=dict)
     stats: dict[int, ChannelStats] = field(default_factory=dict)
+    #: where "spill" segments keep the values they create (None: nowhere, they cannot run)
+    spill: SpillStore | None = None
 
     def factor(self, value: int) -> int:
         """Pixels of ``value`` per pixel of the lowest-resolution value."""
@@ -65,6 +68,17 @@ class Run:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
+    def drop(self, value: int) -> None:
+        """Forget a whole value (and its statistics); a spilled one's file is closed."""
+        v = self.values.pop(value, None)
+        if isinstance(v, DiskValue):
+            v.close()
+        self.stats.pop(value, None)
+
+    def result(self) -> torch.Tensor:
+        """The program's output, in memory."""
+        return resident(self.values[len(self.program.steps)])
+
     def affine(self, step: Step) -> tuple[torch.Tensor, torch.Tensor] | None:
         if step.norm is None:
             return None
@@ -84,16 +98,25 @@ def _alias_output(run: Run, step: Step, index: int, out_shape: tuple[int, ...]) 
     if run.program.last_use()[step.skip] != index or step.skip == step.src:
         return None
     skip = run.values[step.skip]
-    if not skip.is_contiguous() or skip.numel() < torch.Size(out_shape).numel():
+    if not isinstance(skip, torch.Tensor) or not skip.is_contiguous():
+        return None
+    if skip.numel() < torch.Size(out_shape).numel():
         return None
     return skip.view(-1)[: torch.Size(out_shape).numel()].view(out_shape)
 
 
 def run_steps(
-    run: Run, first: int, last: int, on_value: Callable[[int, torch.Tensor], None] | None = None
+    run: Run,
+    first: int,
+    last: int,
+    on_value: Callable[[int, torch.Tensor | DiskValue], None] | None = None,
+    *,
+    spill: bool = False,
 ) -> None:
     """Execute steps ``first .. last-1``; value ``first`` must be in ``run.values``. ``on_value``
-    sees each new value, whole, right after it is produced."""
+    sees each new value, whole (maybe spilled), right after it is produced. With ``spill``, the new
+    values but the program's output go to ``run.spill`` (host memory or a file) instead of the
+    store."""
     program = run.program
     last_use = program.last_use()
     need_stats = program.needs_stats()
@@ -102,13 +125,18 @@ def run_steps(
         out_value = i + 1
         src = run.values[step.src]
         b = src.shape[0]
+        spilled = spill and out_value < len(program.steps) and step.kind != "attn"
         h, w = run.hw(out_value)
         stats = ChannelStats(b, program.channels[out_value], run.device) if need_stats[out_value] else None
         if step.kind == "attn":
             out = _attention(run, step, i, stats)
         else:
             shape = (b, program.channels[out_value], h, w)
-            out = _alias_output(run, step, i, shape)
+            if spilled:
+                assert run.spill is not None, "a spill segment needs a spill store"
+                out = run.spill.new(shape, src.dtype)
+            else:
+                out = _alias_output(run, step, i, shape)
             if out is None:
                 out = torch.empty(shape, dtype=src.dtype, device=run.store)
             affine = run.affine(step)
@@ -128,14 +156,13 @@ def run_steps(
             on_value(out_value, out)
         for value in (step.src, step.skip):
             if value is not None and last_use[value] == i and value != out_value:
-                run.values.pop(value, None)
-                run.stats.pop(value, None)
+                run.drop(value)
 
 
 def _attention(run: Run, step: Step, index: int, stats: ChannelStats | None) -> torch.Tensor:
     att = step.attention
     assert att is not None
-    x = run.values[step.src]
+    x = resident(run.values[step.src])
     b, c, h, w = x.shape
     heads = att.heads
     scale, shift = norm_affine(run.stats[step.src], att.norm)
@@ -192,7 +219,7 @@ def run_exact(
     run = start_run(program, x, tile, store, progress, cancel)
     run.total = count_units(run, 0, len(program.steps))
     run_steps(run, 0, len(program.steps))
-    return run.values[len(program.steps)]
+    return run.result()
 
 
 def start_run(
@@ -202,11 +229,12 @@ def start_run(
     store: torch.device | None,
     progress: TileProgress | None,
     cancel: TileCancel | None,
+    spill: SpillStore | None = None,
 ) -> Run:
     """The state of a tiled call with its input in place (and that input's statistics, if a norm
     reads it); the executors set ``total`` and run the steps."""
     device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
-    run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel)
+    run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel, spill=spill)
     run.values[0] = x.to(run.store)
     if program.needs_stats()[0]:
         run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)

@@ -19,6 +19,11 @@ Statistics for the segment's norms are a ratio estimate:
 
 The sample tiles' outputs are final, so no tile is computed twice. With few tiles, every tile is a
 sample and the statistics are exact.
+
+*Lean* (with a spill store, when the above does not fit the budget): the segment's input goes to
+the store, the proxy runs in tiles with its values spilled, and the sample tiles park their slabs
+in the store between lockstep steps, so memory is one tile's chain plus the segment's output. The
+statistics and the output are the same as without it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import torch
 
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
-from lib_vaebatch.tiling.ops import Region, grid, sample_tiles
+from lib_vaebatch.tiling.ops import Region, Slab, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
+from lib_vaebatch.tiling.spill import BAND_BYTES, DiskValue, SpillStore
 from lib_vaebatch.tiling.stats import ChannelStats, Moments, norm_affine
 
 
@@ -48,25 +54,51 @@ def default_segment(program: Program) -> tuple[int, int]:
     return 0, end + 1
 
 
+def _subsample_into_store(run: Run, proxy: Run, first: int, hw: tuple[int, int]) -> None:
+    """The proxy's input (value ``first`` subsampled by 2) written to the spill store band by band,
+    its statistics gathered on the way."""
+    src = run.values[first]
+    b, c = src.shape[0], src.shape[1]
+    assert run.spill is not None
+    value = run.spill.new((b, c, *hw), src.dtype)
+    stats = ChannelStats(b, c, run.device) if first in run.stats else None
+    rows = max(1, BAND_BYTES // max(1, b * c * hw[1] * 4))
+    for y in range(0, hw[0], rows):
+        y1 = min(hw[0], y + rows)
+        part = src[:, :, 2 * y : 2 * y1 : 2, : 2 * hw[1] : 2]
+        value[:, :, y:y1, :] = part
+        if stats is not None:
+            stats.add(part.to(run.device))
+    proxy.values[first] = value
+    if stats is not None:
+        proxy.stats[first] = stats
+
+
 def _proxy_moments(
-    run: Run, first: int, last: int, samples: list[Region]
+    run: Run, first: int, last: int, samples: list[Region], lean: bool = False
 ) -> tuple[dict[int, Moments], dict[int, Moments]]:
     """Run the segment exactly on its input subsampled by 2; per value inside the segment that a
-    norm reads: the moments over the whole proxy, and over the proxy's view of the sample tiles."""
+    norm reads: the moments over the whole proxy, and over the proxy's view of the sample tiles.
+    ``lean``: in tiles, with the proxy's values in the spill store."""
     program = run.program
     bh, bw = run.base_hw[0] // 2, run.base_hw[1] // 2
     f = run.factor(first)
-    x = run.values[first][:, :, : 2 * bh * f : 2, : 2 * bw * f : 2]
-    proxy = Run(program, max(bh, bw), (bh, bw), run.device, run.store, None, run.cancel)
-    proxy.values[first] = x.to(run.store)
-    if first in run.stats:
-        proxy.stats[first] = ChannelStats(x.shape[0], x.shape[1], run.device)
-        proxy.stats[first].add(x.to(run.device))
+    tile = run.tile if lean else max(bh, bw)
+    spill = run.spill if lean else None
+    proxy = Run(program, tile, (bh, bw), run.device, run.store, None, run.cancel, spill=spill)
+    if lean:
+        _subsample_into_store(run, proxy, first, (bh * f, bw * f))
+    else:
+        x = run.values[first][:, :, : 2 * bh * f : 2, : 2 * bw * f : 2]
+        proxy.values[first] = x.to(run.store)
+        if first in run.stats:
+            proxy.stats[first] = ChannelStats(x.shape[0], x.shape[1], run.device)
+            proxy.stats[first].add(x.to(run.device))
     needed = program.needs_stats()
     whole: dict[int, Moments] = {}
     local: dict[int, Moments] = {}
 
-    def seen(value: int, tensor: torch.Tensor) -> None:
+    def seen(value: int, tensor: torch.Tensor | DiskValue) -> None:
         if not needed[value] or value >= last:
             return
         whole[value] = proxy.stats[value].moments()
@@ -80,7 +112,9 @@ def _proxy_moments(
                 acc.add(tensor[:, :, r.y0 : r.y1, r.x0 : r.x1].to(run.device))
         local[value] = acc.moments()
 
-    run_steps(proxy, first, last, on_value=seen)
+    run_steps(proxy, first, last, on_value=seen, spill=lean)
+    for v in list(proxy.values):
+        proxy.drop(v)
     return whole, local
 
 
@@ -91,11 +125,28 @@ def _ratio(proxy: Moments, proxy_at_samples: Moments, samples: Moments) -> Momen
     return Moments(proxy.mean + (samples.mean - proxy_at_samples.mean), var)
 
 
-def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelStats | None:
+def _park(run: Run, tile: Tile, value: int) -> None:
+    """Move a sample tile's slab of ``value`` to the spill store until a later step reads it."""
+    slab = tile.slabs[value]
+    assert run.spill is not None and isinstance(slab.data, torch.Tensor)
+    tile.slabs[value] = Slab(run.spill.put(slab.data), slab.region)  # type: ignore[arg-type]
+
+
+def run_segment(
+    run: Run, first: int, last: int, out: torch.Tensor | DiskValue, lean: bool = False
+) -> ChannelStats | None:
     """Steps ``first .. last-1`` as independent tiles; value ``first`` is whole in ``run.values``
     (with its statistics in ``run.stats`` if the segment normalises it). Writes value ``last`` into
-    ``out`` and returns its statistics (over every tile) if a later step needs them."""
+    ``out`` and returns its statistics (over every tile) if a later step needs them. ``lean``: with
+    the input, the proxy and the sample tiles' slabs in the spill store (see the module doc)."""
     program = run.program
+    if lean:
+        if run.spill is None:
+            raise ValueError("lean fast tiles need a spill store")
+        src = run.values[first]
+        if isinstance(src, torch.Tensor):
+            run.values[first] = run.spill.put(src)
+        del src
     need_stats = program.needs_stats()
     cores = grid(run.base_hw[0], run.base_hw[1], run.tile)
     rows = len({c.y0 for c in cores})
@@ -106,7 +157,7 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
     proxy: dict[int, Moments] = {}
     proxy_local: dict[int, Moments] = {}
     if not exact and min(run.base_hw) >= 2:
-        proxy, proxy_local = _proxy_moments(run, first, last, [cores[k] for k in sampled])
+        proxy, proxy_local = _proxy_moments(run, first, last, [cores[k] for k in sampled], lean)
 
     def finish(tile: Tile) -> None:
         region = tile.core_of(run, last)
@@ -121,6 +172,8 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
     tiles = [Tile(run, first, last, cores[k]) for k in sampled]
     for tile in tiles:
         tile.start(run)
+        if lean:
+            _park(run, tile, first)
     for i in range(first, last):
         step = program.steps[i]
         affine = norm_affine(estimates[step.src], step.norm) if step.norm is not None else None
@@ -128,6 +181,8 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
         acc = ChannelStats(out.shape[0], program.channels[value], run.device) if need_stats[value] else None
         for tile in tiles:
             tile.step(run, i, affine)
+            if lean:
+                _park(run, tile, value)
             if acc is not None and value < last:
                 acc.add(tile.slabs[value].crop(tile.core_of(run, value)))
             run.tick()
@@ -156,6 +211,27 @@ def run_segment(run: Run, first: int, last: int, out: torch.Tensor) -> ChannelSt
     return out_stats
 
 
+def lean_segment_plan(
+    program: Program, base: tuple[int, int], tile: int, batch: int, first: int, last: int, factor: float
+) -> tuple[float, float]:
+    """(planned peak elements, elements moved through the store) of the lean independent segment:
+    one tile's whole chain (an unsampled tile keeps its slabs) or a proxy tile's step, and the
+    segment's output where it is the program's (else it goes to the store)."""
+    from lib_vaebatch.tiling.lean import LIVE_SLACK, _chain_profile, _spill_steps, _value_elems
+
+    n = len(program.steps)
+    chain = _chain_profile(program, base, tile, first, last)[0]
+    proxy_base = (max(1, base[0] // 2), max(1, base[1] // 2))
+    proxy_work, proxy_moved = _spill_steps(program, proxy_base, tile, batch)
+    out = batch * _value_elems(program, base, last) if last == n else 0
+    peak = LIVE_SLACK * out + factor * max(batch * chain, max(proxy_work[first:last]))
+    # the input once, the proxy's values, a quarter of the full-resolution values (the sample
+    # tiles' parked slabs) out and back
+    full = sum(batch * _value_elems(program, base, v) for v in range(first, last + 1))
+    moved = batch * _value_elems(program, base, first) + sum(proxy_moved[first:last]) + full / 2
+    return peak, moved
+
+
 def run_fast(
     program: Program,
     x: torch.Tensor,
@@ -167,15 +243,18 @@ def run_fast(
     cancel: TileCancel | None = None,
     prefix: Schedule | None = None,
     suffix: Schedule | None = None,
+    spill: SpillStore | None = None,
+    lean: bool = False,
 ) -> torch.Tensor:
     """Run ``program`` with its high-resolution stage in independent tiles (see the module doc).
     The steps before and after that stage run exactly, by the ``prefix`` and ``suffix`` schedules
-    (default: whole values, see :mod:`lib_vaebatch.tiling.lean`)."""
+    (default: whole values, see :mod:`lib_vaebatch.tiling.lean`); ``lean`` runs the stage itself
+    with its values in ``spill`` (see the module doc)."""
     first, last = segment or default_segment(program)
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
         raise TilingUnsupportedError("attention cannot run in independent tiles")
-    run = start_run(program, x, tile, store, progress, cancel)
+    run = start_run(program, x, tile, store, progress, cancel, spill)
     n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
     before = prefix.segments if prefix is not None else ()
     after = suffix.segments if suffix is not None else ()
@@ -187,13 +266,16 @@ def run_fast(
     else:
         run_steps(run, 0, first)
     h, w = run.hw(last)
-    out = torch.empty(
-        (x.shape[0], program.channels[last], h, w), dtype=run.values[first].dtype, device=run.store
-    )
-    stats = run_segment(run, first, last, out)
+    shape = (x.shape[0], program.channels[last], h, w)
+    dtype = run.values[first].dtype
+    out: torch.Tensor | DiskValue
+    if lean and last < n and spill is not None:
+        out = spill.new(shape, dtype)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=run.store)
+    stats = run_segment(run, first, last, out, lean)
     for value in [v for v in run.values if v < last]:
-        run.values.pop(value)
-        run.stats.pop(value, None)
+        run.drop(value)
     run.values[last] = out
     if stats is not None:
         run.stats[last] = stats
@@ -201,4 +283,4 @@ def run_fast(
         run_schedule(run, suffix)  # type: ignore[arg-type]
     else:
         run_steps(run, last, n)
-    return run.values[n]
+    return run.result()

@@ -5,6 +5,10 @@ segments, and each segment runs one of two ways:
 
 * **whole**: step by step over the image in tiles, every value between the steps kept whole
   (``exact.run_steps``): each step runs once; memory is the whole values alive;
+* **spill**: like whole, but the values the segment creates live in a spill store
+  (:mod:`lib_vaebatch.tiling.spill`: host memory for a CUDA run, a temporary file for a CPU run)
+  and each tile reads its crops from there: each step still runs once; memory is the segment's
+  input and one tile's working set; the price is moving every value through the store once;
 * **recompute**: only the segment's input and output are kept whole. Each GroupNorm inside the
   segment needs the statistics of a value the segment does not keep, so one pass per such value
   runs every tile from the segment's input up to it (halo included, with the statistics found by
@@ -27,9 +31,10 @@ import torch
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, input_regions, tile_edges
 from lib_vaebatch.tiling.program import Program
+from lib_vaebatch.tiling.spill import SpillStore
 from lib_vaebatch.tiling.stats import ChannelStats, norm_affine
 
-SegmentKind = Literal["whole", "recompute"]
+SegmentKind = Literal["whole", "spill", "recompute"]
 
 #: Allowance for a tile's temporaries beyond the tensors counted (conv workspaces).
 WORKSPACE_FACTOR = 1.25
@@ -39,6 +44,10 @@ LIVE_SLACK = 1.1
 #: about a millisecond on a 2-core CPU):
 #: it makes the planner prefer fewer, larger tiles where they fit.
 CALL_OVERHEAD_MACS = 2e7
+#: Planned cost of moving one byte through the spill store (read or written), in multiply-adds:
+#: a CPU reads and writes a page-cached file at a few GB/s while it runs some 50-100 GMAC/s of
+#: convolutions (bench/bench_lean.py), so about 40.
+SPILL_MACS_PER_BYTE = 40.0
 
 
 def clean_cuts(program: Program) -> list[int]:
@@ -163,7 +172,7 @@ def run_recompute(run: Run, first: int, last: int) -> None:
             run.stats[target] = stats
     assert out is not None
     for value in [v for v in run.values if v < last]:
-        run.values.pop(value)
+        run.drop(value)
     for value in [v for v in run.stats if first < v < last or v == first]:
         run.stats.pop(value)
     run.values[last] = out
@@ -185,13 +194,15 @@ class Segment:
 @dataclass(frozen=True)
 class Schedule:
     """How to run a program in tiles: its segments, planned peak bytes and multiply-adds.
-    ``passes`` is, per segment, how many times its tiles run (1 for whole and fused segments)."""
+    ``passes`` is, per segment, how many times its tiles run (1 for whole and spill segments);
+    ``spilled`` the planned peak bytes in the spill store."""
 
     tile: int
     segments: tuple[Segment, ...]
     peak: int
     cost: float
     passes: tuple[int, ...] = ()
+    spilled: int = 0
 
     @property
     def recomputed(self) -> int:
@@ -203,21 +214,27 @@ class Schedule:
         return self.recomputed > 0
 
     @property
+    def spills(self) -> bool:
+        return any(g.kind == "spill" for g in self.segments)
+
+    @property
     def label(self) -> str:
-        return "exact-lean" if self.lean else "exact"
+        """ "exact-lean" (some steps recomputed), "exact-spill" (some values in the spill store),
+        or "exact" (every value whole in memory)."""
+        return "exact-lean" if self.lean else "exact-spill" if self.spills else "exact"
 
 
 def run_schedule(run: Run, schedule: Schedule) -> None:
     for seg in schedule.segments:
-        if seg.kind == "whole":
-            run_steps(run, seg.first, seg.last)
-        else:
+        if seg.kind == "recompute":
             run_recompute(run, seg.first, seg.last)
+        else:
+            run_steps(run, seg.first, seg.last, spill=seg.kind == "spill")
 
 
 def schedule_units(run: Run, schedule: Schedule) -> int:
     return sum(
-        count_units(run, s.first, s.last) if s.kind == "whole" else recompute_units(run, s.first, s.last)
+        recompute_units(run, s.first, s.last) if s.kind == "recompute" else count_units(run, s.first, s.last)
         for s in schedule.segments
     )
 
@@ -347,10 +364,63 @@ def _whole_steps(
 
 def _whole_segment(
     program: Program, base: tuple[int, int], tile: int, first: int, last: int, batch: int, factor: float
-) -> tuple[float, float]:
-    """(peak elements, multiply-adds) of steps ``first .. last-1`` run with whole values."""
+) -> tuple[float, float, float]:
+    """(peak elements, multiply-adds, 0 spilled) of steps ``first .. last-1`` with whole values."""
     peaks, macs = _whole_steps(program, base, tile, batch, factor)
-    return max(peaks[first:last]), sum(macs[first:last])
+    return max(peaks[first:last]), sum(macs[first:last]), 0.0
+
+
+def _spill_steps(
+    program: Program, base: tuple[int, int], tile: int, batch: int
+) -> tuple[list[float], list[float]]:
+    """Per step, run with its values in the spill store: (one tile's working set in elements:
+    its crops of the source and skip values, temporaries, output and the output's copy for
+    writing; elements moved through the store by all tiles)."""
+
+    def make() -> tuple[list[float], list[float]]:
+        n_tiles = len(grid(base[0], base[1], tile))
+        core, vbase = _interior_core(base, tile)
+        work, moved = [], []
+        for i, step in enumerate(program.steps):
+            req = chain_regions(program, vbase, i, i + 1, core)
+            out = req[i + 1]
+            w = _chain_profile(program, base, tile, i, i + 1)[0]
+            w += program.channels[i + 1] * out.height * out.width
+            io = program.channels[step.src] * req[step.src].height * req[step.src].width
+            io += program.channels[i + 1] * out.height * out.width
+            if step.skip is not None and step.skip != step.src:
+                _, skip = input_regions(step, out, _hw(program, vbase, step.src))
+                assert skip is not None
+                w += program.channels[step.skip] * skip.height * skip.width
+                io += program.channels[step.skip] * skip.height * skip.width
+            work.append(float(batch * w))
+            moved.append(float(batch * n_tiles * io))
+        return work, moved
+
+    return _cached(program, ("spill", base, tile, batch), make)
+
+
+def _spill_segment(
+    program: Program, base: tuple[int, int], tile: int, first: int, last: int, batch: int, factor: float,
+    io_macs: float,
+) -> tuple[float, float, float] | None:  # fmt: skip
+    """(peak elements, multiply-adds, peak elements in the store) of steps ``first .. last-1``
+    with their values spilled; the segment's input stays where it is (counted as resident), the
+    program's output is written to memory."""
+    if any(program.steps[i].kind == "attn" for i in range(first, last)):
+        return None  # attention reads every position at once
+    from lib_vaebatch.tiling.plan import exact_live
+
+    n = len(program.steps)
+    work, moved = _spill_steps(program, base, tile, batch)
+    _, macs = _whole_steps(program, base, tile, batch, factor)
+    resident = batch * _value_elems(program, base, first)
+    if last == n:
+        resident += batch * _value_elems(program, base, n)
+    peak = LIVE_SLACK * resident + factor * max(work[first:last])
+    cost = sum(macs[first:last]) + io_macs * sum(moved[first:last])
+    stored = max(exact_live(program, base, batch, range(first, last)))
+    return peak, cost, float(stored)
 
 
 def _recompute_segment(
@@ -365,24 +435,30 @@ def _recompute_segment(
         w, m = _chain_profile(program, base, tile, first, target)
         work = max(work, w)
         macs += n_tiles * m
-    return LIVE_SLACK * batch * whole + factor * batch * work, batch * macs
+    return LIVE_SLACK * batch * whole + factor * batch * work, batch * macs, 0.0
+
+
+SegmentCosts = dict[tuple[int, int, SegmentKind], tuple[float, float, float]]
 
 
 def _segments(
-    program: Program, base: tuple[int, int], tile: int, batch: int, factor: float
-) -> dict[tuple[int, int, SegmentKind], tuple[float, float]]:
-    return _cached(program, ("segments", base, tile, batch, factor),
-                   lambda: _segments_uncached(program, base, tile, batch, factor))  # fmt: skip
+    program: Program, base: tuple[int, int], tile: int, batch: int, factor: float, io_macs: float
+) -> SegmentCosts:
+    return _cached(program, ("segments", base, tile, batch, factor, io_macs),
+                   lambda: _segments_uncached(program, base, tile, batch, factor, io_macs))  # fmt: skip
 
 
 def _segments_uncached(
-    program: Program, base: tuple[int, int], tile: int, batch: int, factor: float
-) -> dict[tuple[int, int, SegmentKind], tuple[float, float]]:
+    program: Program, base: tuple[int, int], tile: int, batch: int, factor: float, io_macs: float
+) -> SegmentCosts:
     cuts = clean_cuts(program)
-    out: dict[tuple[int, int, SegmentKind], tuple[float, float]] = {}
+    out: SegmentCosts = {}
     for ai, a in enumerate(cuts):
         for b in cuts[ai + 1 :]:
             out[(a, b, "whole")] = _whole_segment(program, base, tile, a, b, batch, factor)
+            spill = _spill_segment(program, base, tile, a, b, batch, factor, io_macs)
+            if spill is not None:
+                out[(a, b, "spill")] = spill
             rec = _recompute_segment(program, base, tile, a, b, batch, factor)
             if rec is not None:
                 out[(a, b, "recompute")] = rec
@@ -391,7 +467,7 @@ def _segments_uncached(
 
 def _best(
     program: Program,
-    segs: dict[tuple[int, int, SegmentKind], tuple[float, float]],
+    segs: SegmentCosts,
     limit: float | None,
     start: int,
     end: int,
@@ -406,7 +482,7 @@ def _best(
     }
     for b in cuts[1:]:
         cands = []
-        for (a, bb, kind), (peak, cost) in segs.items():
+        for (a, bb, kind), (peak, cost, _) in segs.items():
             if bb != b or a not in best or (limit is not None and peak > limit):
                 continue
             _, p0, c0, path = best[a]
@@ -433,15 +509,20 @@ def schedule(
     start: int = 0,
     end: int | None = None,
     factor: float = WORKSPACE_FACTOR,
+    spill: int | None = None,
+    io_macs: float = SPILL_MACS_PER_BYTE,
 ) -> Schedule:
     """The cheapest schedule of values ``start`` to ``end`` (clean cuts; default: the whole
     program) whose planned peak fits ``budget`` bytes; with ``leanest``, or when nothing fits, the
-    one with the lowest planned peak. ``budget=None``: every segment whole (the fastest)."""
+    one with the lowest planned peak. ``budget=None``: every segment whole (the fastest).
+    ``spill``: bytes the spill store may hold (None: no spill segments); ``io_macs``: the planned
+    cost of moving a byte through it."""
     end = len(program.steps) if end is None else end
     if start == end:
         return Schedule(tile, (), 0, 0.0)
     size = torch.empty((), dtype=dtype).element_size()
-    segs = _segments(program, base, tile, batch, factor)
+    segs = _segments(program, base, tile, batch, factor, io_macs * size)
+    segs = {k: v for k, v in segs.items() if k[2] != "spill" or (spill is not None and v[2] * size <= spill)}
     if budget is None and not leanest:
         segs = {k: v for k, v in segs.items() if k[2] == "whole"}
         found = _best(program, segs, float("inf"), start, end)
@@ -453,7 +534,8 @@ def schedule(
         raise ValueError(f"values {start} and {end} are not clean cuts of the program")
     peak, cost, path = found
     passes = tuple(len(stats_targets(program, g.first, g.last)) if g.kind == "recompute" else 1 for g in path)
-    return Schedule(tile, path, int(peak * size), cost, passes)
+    spilled = max((segs[(g.first, g.last, g.kind)][2] for g in path), default=0.0)
+    return Schedule(tile, path, int(peak * size), cost, passes, int(spilled * size))
 
 
 def run_lean(
@@ -464,9 +546,13 @@ def run_lean(
     store: torch.device | None = None,
     progress: TileProgress | None = None,
     cancel: TileCancel | None = None,
+    spill: SpillStore | None = None,
 ) -> torch.Tensor:
-    """Run ``program`` on ``x`` by the schedule ``plan`` (see :func:`schedule`); exact."""
-    run = start_run(program, x, plan.tile, store, progress, cancel)
+    """Run ``program`` on ``x`` by the schedule ``plan`` (see :func:`schedule`); exact. ``spill``
+    is where its spill segments keep their values (required if it has any)."""
+    if plan.spills and spill is None:
+        raise ValueError("this schedule spills values but no spill store was given")
+    run = start_run(program, x, plan.tile, store, progress, cancel, spill)
     run.total = schedule_units(run, plan)
     run_schedule(run, plan)
-    return run.values[len(program.steps)]
+    return run.result()

@@ -107,14 +107,16 @@ def compute(
 
     h, w = src_hw
     need, need_skip = input_regions(step, out, src_hw)
+    assert step.conv is not None
     x = src.crop(need)
+    if x.device != step.conv.weight.device:  # a whole value kept on the host (spilled)
+        x = x.to(step.conv.weight.device)
     if step.norm is not None:
         assert affine is not None, f"{step.name}: statistics missing"
         scale, shift = affine
         x = apply_affine(x.to(scale.device) if x.device != scale.device else x, scale, shift)
     if step.act:
         x = F.silu(x, inplace=step.norm is not None)  # in place only on our own normalised copy
-    assert step.conv is not None
     if step.kind == "conv":
         y = _run_conv(step.conv, x)
         ys, xs = out.relative_to(need)
@@ -140,6 +142,8 @@ def _add_skip(
         return y
     assert skip is not None and need is not None
     s = skip.crop(need)
+    if s.device != y.device:
+        s = s.to(y.device)
     if step.shortcut is not None:
         s = _run_conv(step.shortcut, s)
         ys, xs = out.relative_to(need)

@@ -66,7 +66,7 @@ def test_ladder_order_smaller_tiles_then_leaner_exact_then_fast_then_plain_tiles
     assert result.ok, [r.message for r in result.reports]
     modes = [m for m, _t, _p in oom.runs]
     first_fast, first_plain = modes.index("fast"), modes.index("plain")
-    assert all(m in ("exact", "exact-lean") for m in modes[:first_fast])
+    assert all(m in ("exact", "exact-spill", "exact-lean") for m in modes[:first_fast])
     assert all(m == "fast" for m in modes[first_fast:first_plain])
     tiles = [t for m, t, _p in oom.runs[:first_fast]]
     assert tiles[:3] == [32, 16, 8], "smaller tiles first"
@@ -74,7 +74,7 @@ def test_ladder_order_smaller_tiles_then_leaner_exact_then_fast_then_plain_tiles
     assert len(planned) >= 2 and planned == sorted(planned, reverse=True) and planned[-1] < planned[0], (
         "then exact schedules within less and less memory"
     )
-    assert "exact-lean" in modes[:first_fast], "the leanest exact variant recomputes"
+    assert {"exact-spill", "exact-lean"} & set(modes[:first_fast]), "the leaner variants spill or recompute"
     assert [r.tile_mode for r in result.reports] == ["plain", "plain"]
     assert "plain tiles ×2" in result.summary()
     assert any("last resort: plain independent tiles" in e for e in result.events)
@@ -86,23 +86,26 @@ def test_ladder_order_smaller_tiles_then_leaner_exact_then_fast_then_plain_tiles
     assert modes.count("plain") == 2
 
 
-def test_a_planned_peak_limit_is_met_by_recomputation_and_stays_exact(vae):
+@pytest.mark.parametrize(("spill", "label"), [(False, "exact-lean"), (True, "exact-spill")])
+def test_a_planned_peak_limit_is_met_by_recomputation_or_spilling_and_stays_exact(vae, spill, label):
     """Runs planned above a peak limit fail (as a device of that size would); the engine lowers
-    its planned peak until an exact-lean schedule fits, and the output is still exact."""
+    its planned peak until a leaner exact schedule fits (values spilled to a file, or, with
+    spilling off, recomputed), and the output is still exact."""
     latents = marked_latents(2, size=32)
     reference = _ref(vae, latents)
     program = vae.tiling_program("decode")
-    from lib_vaebatch.tiling import TileSettings, plan
+    from lib_vaebatch.tiling import TileSettings, default_store, plan
 
     z = latents[:1]
+    store = default_store(torch.device("cpu")) if spill else None
     whole = plan(program, z, TileSettings(tile_size=8)).planned_bytes
-    least = plan(program, z, TileSettings(tile_size=8, leanest=True, budget=0)).planned_bytes
+    least = plan(program, z, TileSettings(tile_size=8, leanest=True, budget=0, spill=store)).planned_bytes
     limit = (whole + least) // 2
     oom = OOMTiledWhere(vae, lambda s: s.planned_bytes > limit)
-    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=8))
+    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=8, spill=spill))
     assert result.ok
-    assert [r.tile_mode for r in result.reports] == ["exact-lean", "exact-lean"]
-    assert "exact-lean ×2" in result.summary()
+    assert [r.tile_mode for r in result.reports] == [label, label]
+    assert f"{label} ×2" in result.summary()
     assert any("retrying exact within" in e for e in result.events)
     assert all(p <= limit for m, t, p in oom.runs[-2:])
     for a, b in zip(result.outputs, reference.outputs, strict=True):

@@ -4,9 +4,10 @@ the memory one untiled run of a sample takes here (peak RSS rise), then caps the
 its current size plus ``FRACTION`` of that and runs the engine on the batch, so every allocation
 beyond it fails for real. Writes the outputs (safetensors) and a JSON report.
 
-python -m tests.tiling.limit_child OP FRACTION BUDGET OUT_DIR
+python -m tests.tiling.limit_child OP FRACTION BUDGET OUT_DIR [SPILL]
     OP: decode | encode;  BUDGET: "free" (the engine asks the OS) or bytes to plan with (a budget
-    the limit does not honour, so the engine meets real allocation failures)
+    the limit does not honour, so the engine meets real allocation failures); SPILL: "spill"
+    (default: whole values that do not fit go to a temporary file) or "nospill" (recompute)
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def _vm(key: str) -> int:
 
 def main() -> int:
     op, fraction, budget, out_dir = sys.argv[1:5]
+    spill = (sys.argv[5] if len(sys.argv) > 5 else "spill") == "spill"
     out = Path(out_dir)
     torch.set_num_threads(2)
     backend = limit_backend()
     x = inputs(op)
     options = EngineOptions(
-        max_chunk=N, memory_budget=None if budget == "free" else int(budget), output_dtype="fp32"
-    )
+        max_chunk=N, memory_budget=None if budget == "free" else int(budget), output_dtype="fp32",
+        spill=spill,
+    )  # fmt: skip
     run = decode_latents if op == "decode" else encode_pixels
     # warm-up at a small size: untiled and tiled, so threads and kernels exist before the cap
     small = x[:1, :, : x.shape[2] // 4, : x.shape[3] // 4]

@@ -1,0 +1,175 @@
+"""Spilled whole values: a region-addressed temporary file (or host memory) holds the values that do
+not fit the budget, each step still runs once, and the output stays exact."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lib_vaebatch.engine.decode import decode_latents
+from lib_vaebatch.engine.options import EngineOptions
+from lib_vaebatch.tiling import (
+    SpillStore,
+    TileSettings,
+    decoder_program,
+    default_store,
+    encoder_program,
+    minimum_budget,
+    run_tiled,
+)
+from lib_vaebatch.tiling import spill as spill_mod
+from lib_vaebatch.tiling.lean import run_lean, schedule
+from lib_vaebatch.tiling.spill import DiskValue
+from tests.ldm_replica import replica_from
+from tests.support import marked_latents, tiny_autoencoder, tiny_backend
+
+TOL = 1e-3
+LOTS = 1 << 40
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_disk_value_reads_back_what_was_written_region_by_region(tmp_path, dtype):
+    data = torch.randn(2, 3, 10, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    value = DiskValue(tuple(data.shape), dtype, str(tmp_path))
+    assert os.listdir(tmp_path) == [], "the file is unlinked at once: nothing to leave behind"
+    assert value[:, :, 2:5, 1:4].abs().max().item() == 0, "never written reads as zeros"
+    for ys, xs in [(slice(0, 4), slice(0, 7)), (slice(4, 10), slice(0, 3)), (slice(4, 10), slice(3, 7))]:
+        value[:, :, ys, xs] = data[:, :, ys, xs]
+    assert torch.equal(value.load(), data)
+    assert torch.equal(value[:, :, 3:8, 2:6], data[:, :, 3:8, 2:6]), "a crop across the regions written"
+    assert torch.equal(value[:, :, 1:9:2, ::2], data[:, :, 1:9:2, ::2]), "strided reads (fast mode's proxy)"
+    with pytest.raises(ValueError, match="region"):
+        value[:, :, 0:2, 0:2] = data[:, :, 0:3, 0:2]
+    with pytest.raises(ValueError, match="whole along batch and channels"):
+        value[:, 0:1, 0:2, 0:2]
+    with pytest.raises(TypeError, match="slices"):
+        value[:, :, 0, 0:2]
+    value.close()
+    with pytest.raises((OSError, ValueError)):
+        value[:, :, 0:1, 0:1]
+
+
+def _module_and_reference(layout: str, op: str):
+    vae = tiny_autoencoder(4, layers_per_block=1, seed=5)
+    module = vae if layout == "diffusers" else replica_from(vae)
+    if op == "decode":
+        program = decoder_program(module.decoder, module.post_quant_conv)
+        x = torch.randn(1, 4, 12, 18, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            ref = vae.decode(x).sample
+    else:
+        program = encoder_program(module.encoder, module.quant_conv)
+        x = torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        with torch.no_grad():
+            ref = vae.quant_conv(vae.encoder(x))
+    return program, x, ref
+
+
+@pytest.mark.parametrize("kind", ["disk", "host"])
+@pytest.mark.parametrize(
+    ("layout", "op"), [("diffusers", "decode"), ("ldm", "decode"), ("diffusers", "encode")]
+)
+def test_spilling_keeps_the_output_exact_in_less_memory_for_less_work_than_recomputing(
+    tmp_path, kind, layout, op
+):
+    program, x, ref = _module_and_reference(layout, op)
+    base = (12, 18)
+    store = SpillStore(kind, LOTS, str(tmp_path))
+    whole = schedule(program, base, 8)
+    leanest = schedule(program, base, 8, leanest=True, spill=LOTS)
+    recompute = schedule(program, base, 8, leanest=True)
+    assert leanest.spills and leanest.label == "exact-spill" and leanest.spilled > 0
+    assert not recompute.spills and recompute.lean
+    assert leanest.peak < whole.peak / 2
+    assert leanest.cost < recompute.cost, "each step runs once: cheaper than recomputation"
+    mid = (leanest.peak + whole.peak) // 2
+    for s in (leanest, schedule(program, base, 8, budget=mid, spill=LOTS)):
+        assert s.peak <= max(mid, leanest.peak)
+        with torch.no_grad():
+            out = run_lean(program, x, s, spill=store)
+        assert (out - ref).abs().max().item() <= TOL, s.segments
+    assert os.listdir(tmp_path) == []
+
+
+def test_without_a_store_or_room_in_it_nothing_is_spilled():
+    program, _x, _ref = _module_and_reference("diffusers", "decode")
+    base = (12, 18)
+    assert not schedule(program, base, 8, leanest=True).spills
+    assert not schedule(program, base, 8, leanest=True, spill=1024).spills, "the store's limit is kept"
+    roomy = schedule(program, base, 8, leanest=True, spill=LOTS)
+    tight = schedule(program, base, 8, leanest=True, spill=roomy.spilled - 1)
+    assert tight.spilled <= roomy.spilled - 1
+    with pytest.raises(ValueError, match="spill store"):
+        run_lean(program, _x, roomy)
+
+
+def test_the_least_budget_with_a_store_is_lower_and_is_kept(tmp_path):
+    program, x, _ref = _module_and_reference("diffusers", "decode")
+    store = SpillStore("disk", LOTS, str(tmp_path))
+    least = minimum_budget(program, x)
+    least_spill = minimum_budget(program, x, spill=store)
+    assert least_spill < least
+    settings = TileSettings(budget=least_spill, spill=store)
+    with torch.no_grad():
+        run_tiled(program, x, settings)
+    assert settings.used_mode == "exact-spill" and settings.planned_bytes <= least_spill
+    assert settings.spilled_bytes and settings.spilled_bytes > 0
+
+
+@pytest.mark.parametrize("op", ["decode", "encode"])
+def test_lean_fast_mode_gives_fast_modes_output_in_a_fraction_of_its_memory(tmp_path, op):
+    """Lean fast tiles (the stage's input, proxy and sample slabs in the store) compute the same
+    statistics and tiles as fast tiles in memory."""
+    vae = tiny_autoencoder(4, layers_per_block=1, seed=5)
+    if op == "decode":
+        program = decoder_program(vae.decoder, vae.post_quant_conv)
+        x = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(4))
+    else:
+        program = encoder_program(vae.encoder, vae.quant_conv)
+        x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    store = SpillStore("disk", LOTS, str(tmp_path))
+    with torch.no_grad():
+        in_memory = TileSettings(mode="fast", tile_size=8, leanest=True, budget=0)
+        plain = run_tiled(program, x, in_memory)
+        settings = TileSettings(mode="fast", tile_size=8, leanest=True, budget=0, spill=store)
+        spilled = run_tiled(program, x, settings)
+    assert settings.used_mode == "fast" and settings.spilled_bytes
+    assert settings.planned_bytes * 3 < in_memory.planned_bytes  # type: ignore[operator]
+    assert (spilled - plain).abs().max().item() <= 1e-4
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_engine_spills_to_the_spill_directory_and_says_so(tmp_path, monkeypatch):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    monkeypatch.setenv(spill_mod.SPILL_DIR_ENV, str(spill_dir))
+    assert default_store(torch.device("cpu")).directory == str(spill_dir)  # type: ignore[union-attr]
+    made: list[str | None] = []
+    original = DiskValue.__init__
+
+    def spy(self, shape, dtype, directory=None):  # type: ignore[no-untyped-def]
+        made.append(directory)
+        original(self, shape, dtype, directory)
+
+    monkeypatch.setattr(DiskValue, "__init__", spy)
+    vae = tiny_backend(layers_per_block=1, seed=5)
+    latents = marked_latents(2, size=24)
+    reference = decode_latents(vae, latents, options=EngineOptions(tiling="never"))
+    z = latents[:1]
+    program = vae.tiling_program("decode")
+    least = minimum_budget(program, z, spill=default_store(torch.device("cpu")))
+    result = decode_latents(
+        vae, latents, options=EngineOptions(tiling="always", memory_budget=least, max_chunk=1)
+    )
+    assert result.ok and [r.tile_mode for r in result.reports] == ["exact-spill", "exact-spill"]
+    assert "exact-spill ×2" in result.summary()
+    assert made and set(made) == {str(spill_dir)}
+    assert list(spill_dir.iterdir()) == []
+    for a, b in zip(result.outputs, reference.outputs, strict=True):
+        assert (a - b).abs().max().item() <= TOL
+    off = decode_latents(
+        vae, latents[:1], options=EngineOptions(tiling="always", memory_budget=least, spill=False)
+    )
+    assert off.ok and off.reports[0].tile_mode == "exact-lean", "spilling off: recomputed instead"
