@@ -131,7 +131,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--tile-mode",
         choices=("exact", "fast", "auto", "plain"),
         default="exact",
-        help="exact (default): same output as untiled (recomputing parts where memory is short); "
+        help="exact (default): same output as untiled (spilling whole values to a temporary file, "
+        "or recomputing parts, where memory is short); "
         "fast: statistics estimated; auto: exact where it fits, else fast; plain: independent "
         "tiles (the peers' method, not exact)",
     )
@@ -141,6 +142,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="tile side in latent pixels (image pixels / 8), at least 8 (default: planned from free memory)",
+    )
+    t.add_argument(
+        "--no-spill",
+        action="store_true",
+        help="never keep whole values in a temporary file ($VAEBATCH_SPILL_DIR, else the system's temp "
+        "directory) when memory is short: recompute instead (slower)",
     )
 
 
@@ -351,6 +358,7 @@ def _engine_options(args: argparse.Namespace):  # -> EngineOptions
         tiling=args.tiling,
         tile_mode=args.tile_mode,
         tile_size=args.tile_size,
+        spill=not args.no_spill,
     )
 
 

@@ -287,3 +287,12 @@ def test_tiled_decode_matches_untiled_and_tile_size_is_checked(tmp_path, vae_fil
     )
     bad = run_cli("decode", lat, "-o", tmp_path / "x", "--tile-size", "4")
     assert bad.returncode == 2 and "at least 8" in bad.stderr
+
+
+def test_no_spill_reaches_the_engine_options():
+    from lib_vaebatch.cli import _engine_options, build_parser
+
+    parser = build_parser()
+    default = _engine_options(parser.parse_args(["decode", "x.safetensors", "-o", "out"]))
+    off = _engine_options(parser.parse_args(["decode", "x.safetensors", "-o", "out", "--no-spill"]))
+    assert default.spill is True and off.spill is False
