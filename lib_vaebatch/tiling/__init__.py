@@ -15,6 +15,7 @@ ldm/sgm/SD3 layout (:mod:`lib_vaebatch.tiling.program`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +38,7 @@ from lib_vaebatch.tiling.program import Program, TilingUnsupportedError, decoder
 from lib_vaebatch.tiling.spill import SpillStore, default_store
 
 __all__ = [
+    "FIXED_OVERHEAD",
     "MIN_TILE",
     "TILE_MODES",
     "Program",
@@ -56,6 +58,11 @@ TileMode = Literal["exact", "fast", "auto", "plain"]
 TILE_MODES: tuple[str, ...] = ("exact", "fast", "auto", "plain")
 #: Tile sizes the planner tries (latent pixels), largest first.
 TILE_CANDIDATES = (32, 24, 16, 12, 8)
+#: Bytes a tiled call takes beyond the tensors the planner models (oneDNN's scratch and reordered
+#: weights, the allocator's rounding and fragmentation, statistics, Python objects): measured peaks
+#: (peak RSS, CPU, 512² to 2048², bench/bench_lean.py) came out up to ~60 MiB above the modelled
+#: ones. Every planned peak includes it, so a budget below it is below the minimum.
+FIXED_OVERHEAD = 64 << 20
 #: Plain tiles: sizes tried, largest first (ComfyUI's single pass uses 64 with an overlap of 16).
 PLAIN_CANDIDATES = (64, 48, 32, 24, 16, 12, 8)
 
@@ -188,7 +195,16 @@ def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings,
 
 def plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object = None) -> TilePlan:
     """What to run for ``x``: mode, tile size and schedule, within ``settings.budget`` where any
-    variant of the mode fits it (else the variant with the lowest planned peak)."""
+    variant of the mode fits it (else the variant with the lowest planned peak). Planned peaks
+    include :data:`FIXED_OVERHEAD`."""
+    inner = settings
+    if settings.budget is not None:
+        inner = dataclasses.replace(settings, budget=max(0, settings.budget - FIXED_OVERHEAD))
+    p = _plan(program, x, inner, key)
+    return dataclasses.replace(p, planned_bytes=p.planned_bytes + FIXED_OVERHEAD)
+
+
+def _plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object = None) -> TilePlan:
     base = _base_hw(program, x)
     batch, dtype = x.shape[0], x.dtype
     mode = settings.mode
