@@ -99,11 +99,26 @@ def test_a_close_call_is_timed_for_more_rounds_until_clear_or_the_limit():
     assert tuner.decision(stubborn, key) is CHANNELS_LAST
 
 
-def test_a_tie_within_the_margin_keeps_the_module_as_it_is():
+def test_a_tie_within_the_margin_keeps_channels_last_whose_outputs_match_the_plain_decode():
     tuner, m, key = LayoutTuner(margin=0.05, max_rounds=2), torch.nn.Linear(1, 1), _key()
+    assert tuner.prefer is CHANNELS_LAST
+    for seconds in (1.0, 0.97, 0.98, 1.0):  # contiguous 3% faster: inside the 5% margin
+        tuner.record(m, key, tuner.next_layout(m, key), seconds)
+    assert tuner.decision(m, key) is CHANNELS_LAST
+    clear = torch.nn.Linear(1, 1)
+    for seconds in (1.0, 0.90, 0.91, 1.0):  # contiguous 10% faster: beyond the margin
+        tuner.record(clear, key, tuner.next_layout(clear, key), seconds)
+    assert tuner.decision(clear, key) is CONTIGUOUS
+
+
+def test_the_preferred_layout_can_be_chosen_and_must_be_a_candidate():
+    tuner, m, key = LayoutTuner(margin=0.05, max_rounds=2, prefer=CONTIGUOUS), torch.nn.Linear(1, 1), _key()
     for seconds in (0.97, 1.0, 1.0, 0.98):  # channels-last 3% faster: inside the 5% margin
         tuner.record(m, key, tuner.next_layout(m, key), seconds)
     assert tuner.decision(m, key) is CONTIGUOUS
+    assert LayoutTuner([CONTIGUOUS]).prefer is CONTIGUOUS
+    with pytest.raises(ValueError, match="not a candidate"):
+        LayoutTuner([CONTIGUOUS], prefer=CHANNELS_LAST)
 
 
 def test_each_shape_dtype_and_module_is_probed_on_its_own():
@@ -183,6 +198,23 @@ def test_channels_last_outputs_equal_a_plain_channels_last_decode():
         z = to_raw(latents, vae.scaling_factor, vae.shift_factor).contiguous(memory_format=CL)
         plain = other.module.decode(z).sample  # the whole batch at once, as the plain decode does
     for out, ref in zip(result.outputs, plain, strict=True):
+        assert torch.equal(out, ref)
+
+
+def test_an_auto_job_whose_layouts_tie_equals_the_plain_channels_last_decode_bit_for_bit():
+    vae, clock = _tuned(1.0, 1.0, max_rounds=2)  # the two layouts take the same time
+    latents = marked_latents(3, size=16)
+    one = EngineOptions(max_chunk=1)
+    for _ in range(2):  # four probe calls (CL, contiguous, contiguous, CL), then the decision
+        result = decode_latents(vae, latents, options=one)
+    assert vae.tuner.decision(vae.module, _key((1, 4, 16, 16))) is CHANNELS_LAST
+    assert clock.seen[-3:] == [True] * 3
+    other = tiny_backend()  # same seed, same weights
+    torch.nn.Module.to(other.module, memory_format=CL)
+    for i, out in enumerate(result.outputs):
+        with torch.inference_mode():
+            z = to_raw(latents[i : i + 1], vae.scaling_factor, vae.shift_factor).contiguous(memory_format=CL)
+            ref = other.module.decode(z).sample[0]
         assert torch.equal(out, ref)
 
 
