@@ -92,7 +92,9 @@ def _full(run: Run, value: int) -> Slab:
 
 def _alias_output(run: Run, step: Step, index: int, out_shape: tuple[int, ...]) -> torch.Tensor | None:
     """Storage for a resnet's output inside its input's, when the input dies here and only its own
-    pixel is read (identity or 1x1 shortcut) and it has at least as many channels."""
+    pixel is read (identity or 1x1 shortcut) and it is the same size. (Not into a larger input:
+    the view would keep the input's whole storage alive as long as the output, which the memory
+    model does not count.)"""
     if step.skip is None or (step.shortcut is not None and step.shortcut.kernel_size != (1, 1)):
         return None
     if run.program.last_use()[step.skip] != index or step.skip == step.src:
@@ -100,7 +102,7 @@ def _alias_output(run: Run, step: Step, index: int, out_shape: tuple[int, ...]) 
     skip = run.values[step.skip]
     if not isinstance(skip, torch.Tensor) or not skip.is_contiguous():
         return None
-    if skip.numel() < torch.Size(out_shape).numel():
+    if skip.numel() != torch.Size(out_shape).numel():
         return None
     return skip.view(-1)[: torch.Size(out_shape).numel()].view(out_shape)
 

@@ -73,7 +73,7 @@ def exact_live(program: Program, base: tuple[int, int], batch: int, steps: range
         aliased = (
             step.skip is not None and last_use[step.skip] == i and step.skip != step.src
             and (step.shortcut is None or step.shortcut.kernel_size == (1, 1))
-            and sizes[step.skip] >= sizes[i + 1]
+            and sizes[step.skip] == sizes[i + 1]
         )  # fmt: skip
         live.append(alive + (0 if aliased else sizes[i + 1]))
     return live
