@@ -19,7 +19,8 @@ def test_peak_grows_with_the_tile_and_shrinks_with_fast_mode():
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     seg = default_segment(PROGRAM)
     assert estimate_peak(PROGRAM, base, 8, mode="fast", segment=seg) < estimate_peak(PROGRAM, base, 8)
-    assert estimate_peak(PROGRAM, base, 16, dtype=torch.float16) * 2 == estimate_peak(PROGRAM, base, 16)
+    half, full = estimate_peak(PROGRAM, base, 16, dtype=torch.float16), estimate_peak(PROGRAM, base, 16)
+    assert abs(half * 2 - full) <= 2, "half the bytes, up to rounding"
 
 
 @settings(max_examples=40, deadline=None)
