@@ -9,15 +9,14 @@ import torch
 from lib_vaebatch.tiling import (
     TileSettings,
     decoder_program,
-    encoder_program,
     minimum_budget,
     plan,
     run_tiled,
 )
 from lib_vaebatch.tiling.lean import clean_cuts, run_lean, schedule
 from lib_vaebatch.tiling.plain import plain_starts, run_plain
-from tests.ldm_replica import replica_from
 from tests.support import psnr, tiny_autoencoder
+from tests.tiling.cases import program_case
 
 TOL = 1e-3
 
@@ -44,18 +43,7 @@ class ConvCalls:
 @pytest.mark.parametrize("layout", ["diffusers", "ldm"])
 @pytest.mark.parametrize("op", ["decode", "encode"])
 def test_every_budget_gives_the_untiled_output_and_less_memory_costs_more_work(layout, op):
-    vae = tiny_autoencoder(4, layers_per_block=1, seed=5)
-    module = vae if layout == "diffusers" else replica_from(vae)
-    if op == "decode":
-        program = decoder_program(module.decoder, module.post_quant_conv)
-        x = torch.randn(1, 4, 12, 18, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            ref = vae.decode(x).sample
-    else:
-        program = encoder_program(module.encoder, module.quant_conv)
-        x = torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(3)) * 2 - 1
-        with torch.no_grad():
-            ref = vae.quant_conv(vae.encoder(x))
+    program, x, ref, module = program_case(layout, op)
     base = (12, 18)
     whole = schedule(program, base, 8)
     least = schedule(program, base, 8, leanest=True)

@@ -23,8 +23,8 @@ from lib_vaebatch.tiling import (
 from lib_vaebatch.tiling import spill as spill_mod
 from lib_vaebatch.tiling.lean import run_lean, schedule
 from lib_vaebatch.tiling.spill import DiskValue
-from tests.ldm_replica import replica_from
 from tests.support import marked_latents, tiny_autoencoder, tiny_backend
+from tests.tiling.cases import program_case
 
 TOL = 1e-3
 LOTS = 1 << 40
@@ -52,22 +52,6 @@ def test_a_disk_value_reads_back_what_was_written_region_by_region(tmp_path, dty
         value[:, :, 0:1, 0:1]
 
 
-def _module_and_reference(layout: str, op: str):
-    vae = tiny_autoencoder(4, layers_per_block=1, seed=5)
-    module = vae if layout == "diffusers" else replica_from(vae)
-    if op == "decode":
-        program = decoder_program(module.decoder, module.post_quant_conv)
-        x = torch.randn(1, 4, 12, 18, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            ref = vae.decode(x).sample
-    else:
-        program = encoder_program(module.encoder, module.quant_conv)
-        x = torch.rand(1, 3, 96, 144, generator=torch.Generator().manual_seed(3)) * 2 - 1
-        with torch.no_grad():
-            ref = vae.quant_conv(vae.encoder(x))
-    return program, x, ref
-
-
 @pytest.mark.parametrize("kind", ["disk", "host"])
 @pytest.mark.parametrize(
     ("layout", "op"), [("diffusers", "decode"), ("ldm", "decode"), ("diffusers", "encode")]
@@ -75,7 +59,7 @@ def _module_and_reference(layout: str, op: str):
 def test_spilling_keeps_the_output_exact_in_less_memory_for_less_work_than_recomputing(
     tmp_path, kind, layout, op
 ):
-    program, x, ref = _module_and_reference(layout, op)
+    program, x, ref, _module = program_case(layout, op)
     base = (12, 18)
     store = SpillStore(kind, LOTS, str(tmp_path))
     whole = schedule(program, base, 8)
@@ -95,7 +79,7 @@ def test_spilling_keeps_the_output_exact_in_less_memory_for_less_work_than_recom
 
 
 def test_without_a_store_or_room_in_it_nothing_is_spilled():
-    program, _x, _ref = _module_and_reference("diffusers", "decode")
+    program, _x, _ref, _module = program_case("diffusers", "decode")
     base = (12, 18)
     assert not schedule(program, base, 8, leanest=True).spills
     assert not schedule(program, base, 8, leanest=True, spill=1024).spills, "the store's limit is kept"
@@ -107,7 +91,7 @@ def test_without_a_store_or_room_in_it_nothing_is_spilled():
 
 
 def test_the_least_budget_with_a_store_is_lower_and_is_kept(tmp_path):
-    program, x, _ref = _module_and_reference("diffusers", "decode")
+    program, x, _ref, _module = program_case("diffusers", "decode")
     store = SpillStore("disk", LOTS, str(tmp_path))
     least = minimum_budget(program, x)
     least_spill = minimum_budget(program, x, spill=store)
