@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import subprocess
 import time
 import tracemalloc
@@ -303,7 +304,13 @@ def test_damaged_and_foreign_files(tmp_path):
     cases = {
         "truncated_half.pt": (good[: len(good) // 2], "not a readable zip archive"),
         "truncated_tail.pt": (good[:-10], "not a readable zip archive"),
-        "random.pt": (os.urandom(4096), "not a torch.save zip file"),
+        # Seeded noise that starts with neither a zip nor a pickle protocol header
+        # (unseeded noise starts with 0x80 one time in 256 and is then a "raw pickle").
+        "random.pt": (b"\x00" + random.Random(7).randbytes(4095), "not a torch.save zip file"),
+        "random_pickle_header.pt": (
+            b"\x80" + random.Random(8).randbytes(4095),
+            "raw pickle file: pickle is never loaded",
+        ),
         "empty.pt": (b"", "not a torch.save zip file"),
         "raw_pickle.pt": (pickle.dumps({"latents": 1}), "raw pickle file: pickle is never loaded"),
         "short_entry.pt": (
