@@ -83,6 +83,23 @@ def main() -> int:
             z = z.contiguous(memory_format=torch.channels_last)
             return plain_module.decode(z, return_dict=False)[0].to("cpu")
 
+    def same_kernels(lat: torch.Tensor) -> torch.Tensor:
+        """The plain decode that runs the kernels the engine chose for each of its chunks: the
+        plain channels-last module or the original one, the chunk whole or one sample at a time."""
+        parts, at = [], 0
+        for size in last_chunks:
+            chunk = lat[at : at + size]
+            at += size
+            key = ("decode", (size, *lat.shape[1:]), dtype, device)
+            form = vae.tuner.decision(vae.module, key)
+            pieces = chunk.split(1) if form is not None and form.per_sample else [chunk]
+            for piece in pieces:
+                if form is not None and form.channels_last:
+                    parts.append(plain_cl(piece))
+                else:
+                    parts.append(whole(piece))
+        return torch.cat(parts).float()
+
     every = {
         "engine": engine,
         "a1111_per_sample": a1111,
@@ -113,9 +130,10 @@ def main() -> int:
             "",
             (
                 "| size | batch | engine layout | engine s | A1111 loop s | whole batch s | plain CL s "
-                "| engine / A1111 | engine / plain CL | engine / whole |"
+                "| engine / A1111 | engine / plain CL | engine / whole "
+                "| max abs diff vs plain CL | vs same-kernel plain |"
             ),
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             m = r["median"]
@@ -124,9 +142,14 @@ def main() -> int:
                 f"{r[k]:.3f}×" if r[k] is not None else "-"
                 for k in ("engine_vs_a1111", "engine_vs_plain_channels_last", "engine_vs_whole")
             ]
+            diff_cl = r["max_abs_diff_batch"].get("vs_plain_channels_last")
+            diffs = [
+                f"{diff_cl:.1e}" if diff_cl is not None else "-",
+                f"{r['max_abs_diff_same_kernels']:.1e}",
+            ]
             lines.append(
                 f"| {r['size']}² | {r['batch']} | {r['engine_layout'] or '-'} | "
-                + " | ".join(cells + ratios)
+                + " | ".join(cells + ratios + diffs)
                 + " |"
             )
         table = "\n".join(lines)
@@ -150,7 +173,7 @@ def main() -> int:
     def settle(lat: torch.Tensor) -> set[str]:
         """Run the engine on ``lat`` until its layout probe (a few real decodes, once per process
         and input shape) has decided for every chunk shape it plans; the layouts it chose."""
-        for _ in range(16):
+        for _ in range(48):  # a batch is timed in four forms (two layouts, batched or per sample)
             engine(lat)
             keys = [("decode", (c, *lat.shape[1:]), dtype, device) for c in set(last_chunks)]
             found = [vae.tuner.decision(vae.module, k) for k in keys]
@@ -199,6 +222,11 @@ def main() -> int:
                     "engine_layout": "+".join(sorted(decisions)) or None,
                     "max_abs_diff": accuracy,
                     "max_abs_diff_batch": _batch_accuracy(last_out),
+                    # against the plain decode running the kernels the engine chose: 0.0 when
+                    # the engine adds nothing to them but chunking
+                    "max_abs_diff_same_kernels": float(
+                        (torch.stack(last_out["engine"].outputs).float() - same_kernels(lat)).abs().max()
+                    ),
                 }
             )
             last_out.clear()

@@ -144,6 +144,95 @@ def test_a_timing_for_a_layout_not_scheduled_is_ignored():
     assert tuner.decision(m, key) is CONTIGUOUS
 
 
+def test_a_batch_is_also_timed_one_sample_at_a_time_and_the_fastest_form_is_kept():
+    tuner, key = LayoutTuner(max_rounds=2), _key((4, 4, 8, 8))
+    cl_each, cont_each = CHANNELS_LAST.one_at_a_time(), CONTIGUOUS.one_at_a_time()
+    assert tuner.candidates_for(key) == (CONTIGUOUS, CHANNELS_LAST, cont_each, cl_each)
+    assert tuner.candidates_for(_key()) == (CONTIGUOUS, CHANNELS_LAST)  # one sample: nothing to split
+    assert LayoutTuner(per_sample=False).candidates_for(key) == (CONTIGUOUS, CHANNELS_LAST)
+    cost = {CONTIGUOUS: 5.0, CHANNELS_LAST: 4.0, cont_each: 4.2, cl_each: 3.0}
+    m, order = torch.nn.Linear(1, 1), []
+    while tuner.decision(m, key) is None:
+        layout = tuner.next_layout(m, key)
+        order.append(layout)
+        tuner.record(m, key, layout, cost[layout])
+    first_round = [CHANNELS_LAST, cont_each, cl_each, CONTIGUOUS]
+    assert order == first_round + first_round[::-1]
+    assert tuner.decision(m, key) == cl_each and cl_each.per_sample and cl_each.channels_last
+    batched = torch.nn.Linear(1, 1)  # the batched call faster: channels-last, whole
+    cost = {CONTIGUOUS: 5.0, CHANNELS_LAST: 3.0, cont_each: 6.0, cl_each: 4.0}
+    while tuner.decision(batched, key) is None:
+        layout = tuner.next_layout(batched, key)
+        tuner.record(batched, key, layout, cost[layout])
+    assert tuner.decision(batched, key) is CHANNELS_LAST
+
+
+def test_a_tie_between_forms_prefers_channels_last_whole_then_channels_last_per_sample():
+    tuner, key = LayoutTuner(margin=0.05, max_rounds=2), _key((2, 4, 8, 8))
+    cl_each, cont_each = CHANNELS_LAST.one_at_a_time(), CONTIGUOUS.one_at_a_time()
+    for costs, want in (
+        ({"contiguous": 1.0, "channels-last": 1.02, "contiguous per sample": 0.99}, CHANNELS_LAST),
+        ({"contiguous": 1.5, "channels-last": 1.5, "contiguous per sample": 0.99}, cl_each),
+        ({"contiguous": 1.5, "channels-last": 1.5, "contiguous per sample": 0.80}, cont_each),
+    ):
+        m = torch.nn.Linear(1, 1)
+        while tuner.decision(m, key) is None:
+            layout = tuner.next_layout(m, key)
+            tuner.record(m, key, layout, costs.get(layout.name, 1.0))  # channels-last per sample: 1.0
+        assert tuner.decision(m, key) == want, costs
+
+
+class BatchClock:
+    """A clock that advances per decoder call by ``cost(batch)`` of the call's input: a VAE whose
+    batched call is slower (or faster) per sample than one sample at a time, timing nothing."""
+
+    def __init__(self, module: torch.nn.Module, cost) -> None:
+        self.now, self.cost, self.batches = 0.0, cost, []
+        module.decoder.conv_in.register_forward_pre_hook(self._hook)
+
+    def _hook(self, mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.batches.append(args[0].shape[0])
+        self.now += self.cost(args[0].shape[0])
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _plain_channels_last(latents: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+    """The plain channels-last decode (a fresh module with the same weights): the whole batch at
+    once, or one sample at a time."""
+    other = tiny_backend()
+    torch.nn.Module.to(other.module, memory_format=CL)
+    with torch.inference_mode():
+        z = to_raw(latents, other.scaling_factor, other.shift_factor).contiguous(memory_format=CL)
+        parts = z.split(1) if per_sample else [z]
+        return torch.cat([other.module.decode(p).sample for p in parts]).clone()
+
+
+@pytest.mark.parametrize("per_sample_faster", [True, False])
+def test_an_auto_batch_runs_the_faster_of_batched_and_per_sample_and_equals_that_plain_decode(
+    per_sample_faster,
+):
+    vae = tiny_backend()
+    cost = (lambda b: float(b * b)) if per_sample_faster else (lambda b: 1.0 + 0.1 * b)
+    clock = BatchClock(vae.module, cost)
+    vae.tuner = LayoutTuner(clock=clock, max_rounds=2)
+    latents = marked_latents(3, size=16)
+    for _ in range(8):  # one chunk of 3 per job: eight probe calls, then the decision
+        result = decode_latents(vae, latents)
+        assert result.ok and result.chunk_sizes == [3]
+    decision = vae.tuner.decision(vae.module, _key((3, 4, 16, 16)))
+    assert decision is not None and decision.channels_last  # the layouts cost alike: channels-last
+    assert decision.per_sample is per_sample_faster
+    clock.batches.clear()
+    result = decode_latents(vae, latents)
+    assert clock.batches == ([1, 1, 1] if per_sample_faster else [3])
+    plain = _plain_channels_last(latents, per_sample=per_sample_faster)
+    for out, ref in zip(result.outputs, plain, strict=True):
+        assert torch.equal(out, ref)
+        assert out.is_contiguous() and not out.is_inference()
+
+
 def test_one_candidate_needs_no_probe():
     only = Layout("only", channels_last=False, inference_mode=True)
     tuner = LayoutTuner([only])
