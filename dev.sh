@@ -26,7 +26,7 @@ CONSTRAINTS=requirements/constraints.txt
 
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-    for c in python3.11 python3.10 python3; do
+    for c in python3.11 python3.12 python3; do  # the pins need 3.11+ (3.10: test-a1111)
         if command -v "$c" >/dev/null 2>&1; then echo "$c"; return; fi
     done
     echo "dev.sh: no python3 found" >&2; exit 1
@@ -38,8 +38,8 @@ setup() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
     if [ ! -x "$VENV/bin/python" ]; then
         local py; py=$(pick_python)
-        "$py" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 13) else 1)' \
-            || { echo "dev.sh: need Python 3.10-3.12, found $("$py" --version)" >&2; exit 1; }
+        "$py" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (3, 13) else 1)' \
+            || { echo "dev.sh: need Python 3.11 or 3.12 (A1111's 3.10: ./dev.sh test-a1111), found $("$py" --version)" >&2; exit 1; }
         echo "[dev.sh] creating $VENV with $py" >&2
         "$py" -m venv "$VENV"
     fi

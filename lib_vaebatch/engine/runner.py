@@ -24,7 +24,7 @@ from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
-from lib_vaebatch.tiling import MIN_TILE, TileSettings, TilingCancelledError, default_store
+from lib_vaebatch.tiling import MIN_TILE, SpillError, TileSettings, TilingCancelledError, default_store
 
 log = logging.getLogger("vaebatch")
 
@@ -61,6 +61,7 @@ class _Launch:
     mode: str | None = None  # what a tiled launch ran: exact, exact-spill, exact-lean, fast or plain
     planned: int | None = None  # its planned peak bytes
     least: int | None = None  # the lowest planned peak of that mode for this input
+    spill_failed: bool = False  # the spill store failed (full disk, file size limit, I/O error)
 
 
 def _label(mode: str | None) -> str:
@@ -117,6 +118,7 @@ class BatchRunner:
         self._force_tiled = False
         self._tile_cap: int | None = None  # tile-size limit learnt from an out-of-memory error
         self._tile_bytes: int | None = None  # planned-peak limit learnt from an out-of-memory error
+        self._no_spill = False  # the spill store failed in this job: the rest runs without it
         self._tile_rung: str | None = None  # "fast" or "plain" once the user's tile mode ran out
         self._cancelled = False
         target = backend.device if self.options.offload == "device" else resolve_device(self.options.offload)
@@ -207,6 +209,11 @@ class BatchRunner:
             if launch.cancelled:
                 todo.extendleft(reversed(idx))
                 break
+            if launch.spill_failed:
+                self._no_spill = True
+                self.events.append(f"{error}; sample {idx[0]} runs again without spilling (recomputing)")
+                todo.appendleft(idx[0])
+                continue
             if oom:
                 empty_cache(self.backend.device)
                 if len(idx) > 1:
@@ -258,6 +265,8 @@ class BatchRunner:
                                planned=tiles.planned_bytes, least=tiles.least_bytes)  # fmt: skip
             log.debug("chunk %s failed", idx, exc_info=True)
             text = str(exc).splitlines()[0] if str(exc) else ""
+            if isinstance(exc, SpillError) and tiles is not None and tiles.spill is not None:
+                return _Launch(error=text, spill_failed=True)
             return _Launch(error=f"{type(exc).__name__}: {text}".rstrip(": "))
         if measure:
             pending.wait()
@@ -286,7 +295,7 @@ class BatchRunner:
         if self._tile_bytes is not None:
             budget = min(budget, self._tile_bytes)
         spill = None
-        if self.options.spill:
+        if self.options.spill and not self._no_spill:
             device = self.backend.device
             host = free_memory(torch.device("cpu")) if device.type == "cuda" else None
             spill = default_store(device, host)

@@ -28,20 +28,23 @@ from lib_vaebatch.tiling.lean import SPILL_MACS_PER_BYTE, WORKSPACE_FACTOR, Sche
 from lib_vaebatch.tiling.plain import run_plain
 from lib_vaebatch.tiling.plan import (
     DEFAULT_WORKSPACE_FACTOR,
+    LIVE_SLACK,
     MIN_TILE,
     calibrate,
     calibration_factor,
     estimate_peak,
     fast_segment_peak,
+    lockstep_tile_elements,
 )
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError, decoder_program, encoder_program
-from lib_vaebatch.tiling.spill import SpillStore, default_store
+from lib_vaebatch.tiling.spill import SpillError, SpillStore, default_store
 
 __all__ = [
     "FIXED_OVERHEAD",
     "MIN_TILE",
     "TILE_MODES",
     "Program",
+    "SpillError",
     "SpillStore",
     "TileSettings",
     "TilingCancelledError",
@@ -111,6 +114,7 @@ class TilePlan:
     prefix: Schedule | None = None  # fast
     suffix: Schedule | None = None  # fast
     lean: bool = False  # fast: the stage itself through the spill store
+    resident: int = 0  # lean fast: sample tiles whose slabs stay in memory (the rest are parked)
 
 
 def _candidates(settings: TileSettings, base: tuple[int, int], sizes: tuple[int, ...]) -> list[int]:
@@ -164,13 +168,32 @@ def _plan_fast(program: Program, base: tuple[int, int], settings: TileSettings, 
                               suffix=suffix))  # fmt: skip
         costs.append(prefix.cost + suffix.cost)
         if settings.spill is not None:
-            lean_peak, moved = lean_segment_plan(program, base, tile, batch, first, last, f)
-            lean_peak = max(prefix.peak, suffix.peak, int(lean_peak * size))
-            stage = sum(math.prod(program_value_shape(program, base, v, batch)) for v in (first, last))
-            plans.append(TilePlan("fast", tile, lean_peak, max(spilled, stage * size), segment=(first, last),
-                                  prefix=prefix, suffix=suffix, lean=True))  # fmt: skip
-            costs.append(prefix.cost + suffix.cost + SPILL_MACS_PER_BYTE * size * moved)
+            for p, cost in _lean_fast_plans(program, base, tile, batch, (first, last), size, f,
+                                            prefix, suffix):  # fmt: skip
+                plans.append(p)
+                costs.append(cost)
     return _pick(plans, costs, settings.budget, settings.leanest)
+
+
+def _lean_fast_plans(program: Program, base: tuple[int, int], tile: int, batch: int,
+                     segment: tuple[int, int], size: int, factor: float, prefix: Schedule,
+                     suffix: Schedule) -> list[tuple[TilePlan, float]]:  # fmt: skip
+    """Lean fast plans (the stage through the spill store), with 0 up to every sample tile kept in
+    memory instead of parked: each one kept costs its slabs and saves its share of the parking
+    traffic (half the stage's full-resolution values, out and back, over all sample tiles)."""
+    first, last = segment
+    lean_peak, moved = lean_segment_plan(program, base, tile, batch, first, last, factor)
+    elems = [math.prod(program_value_shape(program, base, v, batch)) for v in range(first, last + 1)]
+    stored = max(prefix.spilled, suffix.spilled, (elems[0] + elems[-1]) * size)
+    per_tile, n_sampled = lockstep_tile_elements(program, base, tile, batch, first, last)
+    out = []
+    for resident in sorted({0, n_sampled // 4, n_sampled // 2, 3 * n_sampled // 4, n_sampled}):
+        peak = max(prefix.peak, suffix.peak, int((lean_peak + LIVE_SLACK * resident * per_tile) * size))
+        moved_k = moved - resident / max(1, n_sampled) * sum(elems) / 2
+        plan = TilePlan("fast", tile, peak, stored, segment=segment, prefix=prefix, suffix=suffix, lean=True,
+                        resident=resident)  # fmt: skip
+        out.append((plan, prefix.cost + suffix.cost + SPILL_MACS_PER_BYTE * size * moved_k))
+    return out
 
 
 def program_value_shape(program: Program, base: tuple[int, int], value: int, batch: int) -> tuple[int, ...]:
@@ -265,7 +288,7 @@ def run_tiled(
         if p.mode == "fast":
             return run_fast(program, x, tile=p.tile, segment=p.segment, progress=settings.progress,
                             cancel=settings.cancel, prefix=p.prefix, suffix=p.suffix, spill=spill,
-                            lean=p.lean)  # fmt: skip
+                            lean=p.lean, resident=p.resident)  # fmt: skip
         assert p.schedule is not None
         return run_lean(program, x, p.schedule, progress=settings.progress, cancel=settings.cancel,
                         spill=spill)  # fmt: skip

@@ -133,12 +133,14 @@ def _park(run: Run, tile: Tile, value: int) -> None:
 
 
 def run_segment(
-    run: Run, first: int, last: int, out: torch.Tensor | DiskValue, lean: bool = False
+    run: Run, first: int, last: int, out: torch.Tensor | DiskValue, lean: bool = False, resident: int = 0
 ) -> ChannelStats | None:
     """Steps ``first .. last-1`` as independent tiles; value ``first`` is whole in ``run.values``
     (with its statistics in ``run.stats`` if the segment normalises it). Writes value ``last`` into
     ``out`` and returns its statistics (over every tile) if a later step needs them. ``lean``: with
-    the input, the proxy and the sample tiles' slabs in the spill store (see the module doc)."""
+    the input, the proxy and the sample tiles' slabs in the spill store (see the module doc), but
+    for the first ``resident`` sample tiles, whose slabs stay in memory (as much as the budget
+    holds: each one kept saves its slabs' trip through the store)."""
     program = run.program
     if lean:
         if run.spill is None:
@@ -170,18 +172,19 @@ def run_segment(
     # The sample tiles, in lockstep: full-resolution statistics of part of the image.
     estimates: dict[int, Moments] = {first: run.stats[first].moments()} if first in run.stats else {}
     tiles = [Tile(run, first, last, cores[k]) for k in sampled]
-    for tile in tiles:
+    parked = [lean and k >= resident for k in range(len(tiles))]
+    for tile, park in zip(tiles, parked, strict=True):
         tile.start(run)
-        if lean:
+        if park:
             _park(run, tile, first)
     for i in range(first, last):
         step = program.steps[i]
         affine = norm_affine(estimates[step.src], step.norm) if step.norm is not None else None
         value = i + 1
         acc = ChannelStats(out.shape[0], program.channels[value], run.device) if need_stats[value] else None
-        for tile in tiles:
+        for tile, park in zip(tiles, parked, strict=True):
             tile.step(run, i, affine)
-            if lean:
+            if park:
                 _park(run, tile, value)
             if acc is not None and value < last:
                 acc.add(tile.slabs[value].crop(tile.core_of(run, value)))
@@ -245,11 +248,13 @@ def run_fast(
     suffix: Schedule | None = None,
     spill: SpillStore | None = None,
     lean: bool = False,
+    resident: int = 0,
 ) -> torch.Tensor:
     """Run ``program`` with its high-resolution stage in independent tiles (see the module doc).
     The steps before and after that stage run exactly, by the ``prefix`` and ``suffix`` schedules
     (default: whole values, see :mod:`lib_vaebatch.tiling.lean`); ``lean`` runs the stage itself
-    with its values in ``spill`` (see the module doc)."""
+    with its values in ``spill`` (see the module doc), but for the slabs of the first ``resident``
+    sample tiles."""
     first, last = segment or default_segment(program)
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
@@ -273,7 +278,7 @@ def run_fast(
         out = spill.new(shape, dtype)
     else:
         out = torch.empty(shape, dtype=dtype, device=run.store)
-    stats = run_segment(run, first, last, out, lean)
+    stats = run_segment(run, first, last, out, lean, resident)
     for value in [v for v in run.values if v < last]:
         run.drop(value)
     run.values[last] = out

@@ -125,6 +125,19 @@ def fast_segment_peak(
     return LIVE_SLACK * (whole + max(lockstep, proxy)) + factor * work
 
 
+def lockstep_tile_elements(
+    program: Program, base: tuple[int, int], tile: int, batch: int, first: int, last: int
+) -> tuple[int, int]:
+    """(elements one sample tile holds between lockstep steps at most, number of sample tiles) of
+    the independent segment: what a lean fast run keeps in memory per sample tile it does not park."""
+    cores = grid(base[0], base[1], tile)
+    rows = len({c.y0 for c in cores})
+    sampled = sample_tiles(rows, len(cores) // rows)
+    tiles = [_regions(program, base, first, last, cores[k]) for k in sampled]
+    per = max(_slab_elements(program, regs, i, batch) for regs in tiles for i in range(first, last))
+    return per, len(sampled)
+
+
 def _regions(
     program: Program, base: tuple[int, int], first: int, last: int, core: Region
 ) -> dict[int, Region]:

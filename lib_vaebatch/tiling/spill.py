@@ -33,6 +33,16 @@ SPILL_SHARE = 0.5
 BAND_BYTES = 8 << 20
 
 
+class SpillError(RuntimeError):
+    """The spill store could not be written or read (a full disk, a file size limit, an I/O
+    error): the engine then runs the sample again without spilling."""
+
+
+def _failed(directory: str | None, exc: OSError) -> SpillError:
+    where = directory or tempfile.gettempdir()
+    return SpillError(f"spill file in {where}: {exc.strerror or exc}")
+
+
 def _span(key: slice, length: int) -> tuple[int, int, int]:
     if not isinstance(key, slice):
         raise TypeError("a spilled value is read and written by slices only")
@@ -58,10 +68,18 @@ class DiskValue:
         b, c, h, w = self.shape
         self._pixel = b * c * torch.empty((), dtype=dtype).element_size()
         self._row = w * self._pixel
-        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close/finalize)
-        self._fd = self._file.fileno()
-        os.ftruncate(self._fd, h * self._row)
+        self._directory = directory
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close/finalize)
+        except OSError as exc:
+            raise _failed(directory, exc) from exc
         self._closer = weakref.finalize(self, self._file.close)
+        self._fd = self._file.fileno()
+        try:
+            os.ftruncate(self._fd, h * self._row)
+        except OSError as exc:
+            self.close()
+            raise _failed(directory, exc) from exc
 
     @property
     def nbytes(self) -> int:
@@ -118,18 +136,25 @@ class DiskValue:
 
     def _read(self, buf: memoryview, offset: int) -> None:
         want = len(buf)
-        got = os.preadv(self._fd, [buf], offset)
-        while got < want:  # regular files return short reads only at the end
-            more = os.preadv(self._fd, [memoryview(buf)[got:]], offset + got)
-            if more <= 0:
-                raise OSError(f"spill file ended at byte {offset + got}")
-            got += more
+        try:
+            got = os.preadv(self._fd, [buf], offset)
+            while got < want:  # regular files return short reads only at the end
+                more = os.preadv(self._fd, [memoryview(buf)[got:]], offset + got)
+                if more <= 0:
+                    raise SpillError(f"spill file in {self._directory or tempfile.gettempdir()} "
+                                     f"ended at byte {offset + got}")  # fmt: skip
+                got += more
+        except OSError as exc:
+            raise _failed(self._directory, exc) from exc
 
     def _write(self, buf: memoryview, offset: int) -> None:
         view = memoryview(buf)
         done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done)
+        except OSError as exc:  # ENOSPC, EFBIG (a file size limit), EIO
+            raise _failed(self._directory, exc) from exc
 
     def load(self) -> torch.Tensor:
         """The whole value as an ordinary (contiguous) tensor."""

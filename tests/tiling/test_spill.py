@@ -3,7 +3,11 @@ not fit the budget, each step still runs once, and the output stays exact."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,7 @@ from lib_vaebatch.tiling import (
 )
 from lib_vaebatch.tiling import spill as spill_mod
 from lib_vaebatch.tiling.lean import run_lean, schedule
-from lib_vaebatch.tiling.spill import DiskValue
+from lib_vaebatch.tiling.spill import DiskValue, SpillError
 from tests.support import marked_latents, tiny_autoencoder, tiny_backend
 from tests.tiling.cases import program_case
 
@@ -48,8 +52,50 @@ def test_a_disk_value_reads_back_what_was_written_region_by_region(tmp_path, dty
     with pytest.raises(TypeError, match="slices"):
         value[:, :, 0, 0:2]
     value.close()
-    with pytest.raises((OSError, ValueError)):
+    with pytest.raises(SpillError, match=f"spill file in {tmp_path}"):
         value[:, :, 0:1, 0:1]
+
+
+#: A child process whose spill files cannot grow past 4 KiB (RLIMIT_FSIZE; SIGXFSZ ignored, so a
+#: write past it fails with EFBIG as a full disk fails with ENOSPC). The reference is decoded first.
+FULL_DISK_CHILD = r"""
+import json, resource, signal, sys
+import torch
+from lib_vaebatch.engine.decode import decode_latents
+from lib_vaebatch.engine.options import EngineOptions
+from lib_vaebatch.tiling import default_store, minimum_budget
+from tests.support import marked_latents, tiny_backend
+
+vae = tiny_backend(layers_per_block=1, seed=5)
+latents = marked_latents(2, size=24)
+reference = decode_latents(vae, latents, options=EngineOptions(tiling="never"))
+least = minimum_budget(vae.tiling_program("decode"), latents[:1], spill=default_store(torch.device("cpu")))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+options = EngineOptions(tiling="always", memory_budget=least, max_chunk=1)
+result = decode_latents(vae, latents, options=options)
+diff = max(float((a - b).abs().max()) for a, b in zip(result.outputs, reference.outputs))
+print(json.dumps({"ok": result.ok, "modes": [r.tile_mode for r in result.reports],
+                  "events": result.events, "diff": diff}))
+"""
+
+
+def test_a_spill_store_that_cannot_be_written_costs_no_sample(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), spill_mod.SPILL_DIR_ENV: str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ok"], report
+    # The first spill write fails for real; that sample runs again, and the job, without spilling.
+    assert report["modes"] == ["exact-lean", "exact-lean"], report
+    failed = [e for e in report["events"] if "without spilling" in e]
+    assert len(failed) == 1 and f"spill file in {tmp_path}: File too large" in failed[0], report["events"]
+    assert report["diff"] <= TOL
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("kind", ["disk", "host"])
@@ -124,6 +170,43 @@ def test_lean_fast_mode_gives_fast_modes_output_in_a_fraction_of_its_memory(tmp_
     lean, whole = (t.planned_bytes - FIXED_OVERHEAD for t in (settings, in_memory))  # type: ignore[operator]
     assert lean * 3 < whole
     assert (spilled - plain).abs().max().item() <= 1e-4
+    assert os.listdir(tmp_path) == []
+
+
+def test_lean_fast_keeps_in_memory_the_sample_tiles_the_budget_holds_and_parks_the_rest(
+    tmp_path, monkeypatch
+):
+    """Between the leanest fast plan (every sample tile parked) and fast in memory, the planner
+    keeps some sample tiles' slabs in memory; those are never parked, and the output is unchanged."""
+    from lib_vaebatch.tiling import fast as fast_mod
+    from lib_vaebatch.tiling import plan as make_plan
+
+    vae = tiny_autoencoder(4, layers_per_block=1, seed=5)
+    program = decoder_program(vae.decoder, vae.post_quant_conv)
+    x = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(4))
+    store = SpillStore("disk", LOTS, str(tmp_path))
+    leanest = make_plan(
+        program, x, TileSettings(mode="fast", tile_size=8, leanest=True, budget=0, spill=store)
+    )
+    in_memory = make_plan(program, x, TileSettings(mode="fast", tile_size=8, budget=LOTS))
+    assert leanest.lean and leanest.resident == 0 and not in_memory.lean
+    budget = (leanest.planned_bytes + in_memory.planned_bytes) // 2
+    settings = TileSettings(mode="fast", tile_size=8, budget=budget, spill=store)
+    chosen = make_plan(program, x, settings)
+    assert chosen.lean and chosen.resident > 0 and chosen.planned_bytes <= budget
+    parked: list[int] = []
+    original = fast_mod._park
+    monkeypatch.setattr(
+        fast_mod, "_park", lambda run, tile, value: (parked.append(value), original(run, tile, value))
+    )
+    with torch.no_grad():
+        reference = run_tiled(program, x, TileSettings(mode="fast", tile_size=8, budget=LOTS))
+        out = run_tiled(program, x, settings)
+    first, last = chosen.segment  # type: ignore[misc]
+    cores = 25  # a 40² latent in tiles of 8
+    n_sampled = len(fast_mod.sample_tiles(5, cores // 5))
+    assert len(parked) == (n_sampled - chosen.resident) * (last - first + 1)
+    assert (out - reference).abs().max().item() <= 1e-4
     assert os.listdir(tmp_path) == []
 
 
