@@ -197,13 +197,13 @@ def _lean_fast_plans(program: Program, base: tuple[int, int], tile: int, batch: 
 
 
 def program_value_shape(program: Program, base: tuple[int, int], value: int, batch: int) -> tuple[int, ...]:
-    f = int(program.scales[value] / min(program.scales))
+    f = program.factor(value)
     return (batch, program.channels[value], base[0] * f, base[1] * f)
 
 
 def _plan_plain(program: Program, base: tuple[int, int], settings: TileSettings, batch: int,
                 dtype: torch.dtype) -> TilePlan:  # fmt: skip
-    f_out = int(program.scales[-1] / min(program.scales))
+    f_out = program.factor(len(program.steps))
     out_bytes = 4 * batch * (program.out_channels + 1) * base[0] * base[1] * f_out * f_out
     plans, costs = [], []
     for tile in _candidates(settings, base, PLAIN_CANDIDATES):

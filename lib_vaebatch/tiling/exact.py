@@ -48,9 +48,7 @@ class Run:
 
     def factor(self, value: int) -> int:
         """Pixels of ``value`` per pixel of the lowest-resolution value."""
-        f = self.program.scales[value] / min(self.program.scales)
-        assert f.denominator == 1
-        return int(f)
+        return self.program.factor(value)
 
     def hw(self, value: int) -> tuple[int, int]:
         f = self.factor(value)

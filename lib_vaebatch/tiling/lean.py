@@ -61,11 +61,7 @@ def clean_cuts(program: Program) -> list[int]:
 
 
 def _factor(program: Program, value: int) -> int:
-    factors = program.__dict__.get("_factors")
-    if factors is None:
-        low = min(program.scales)
-        factors = program.__dict__["_factors"] = [int(sc / low) for sc in program.scales]
-    return factors[value]
+    return program.factor(value)
 
 
 def _hw(program: Program, base: tuple[int, int], value: int) -> tuple[int, int]:

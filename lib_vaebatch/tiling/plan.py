@@ -32,15 +32,15 @@ _calibration: dict[tuple[int, str, torch.dtype], float] = {}
 
 
 def _hw(program: Program, base: tuple[int, int], value: int) -> tuple[int, int]:
-    f = program.scales[value] / min(program.scales)
-    return base[0] * int(f), base[1] * int(f)
+    f = program.factor(value)
+    return base[0] * f, base[1] * f
 
 
 def tile_work(program: Program, base: tuple[int, int], tile: int, i: int, batch: int) -> int:
     """Elements of one tile's temporaries while step ``i`` runs (its largest tile)."""
     step = program.steps[i]
     out = i + 1
-    f = int(program.scales[out] / min(program.scales))
+    f = program.factor(out)
     core = min(tile, max(base)) * f
     c_in, c_out = program.channels[step.src], program.channels[out]
     if step.kind == "attn":
@@ -143,7 +143,7 @@ def _regions(
 ) -> dict[int, Region]:
     from lib_vaebatch.tiling.ops import input_regions
 
-    f = int(program.scales[last] / min(program.scales))
+    f = program.factor(last)
     req = {last: core.scaled(f)}
     for i in range(last - 1, first - 1, -1):
         step = program.steps[i]

@@ -109,6 +109,18 @@ class Program:
     def out_channels(self) -> int:
         return self.channels[-1]
 
+    def factor(self, value: int) -> int:
+        """Pixels of ``value`` per pixel of the lowest-resolution value (computed once: the
+        executors ask for every tile of every step)."""
+        factors = self.__dict__.get("_factors")
+        if factors is None:
+            low = min(self.scales)
+            ratios = [sc / low for sc in self.scales]
+            if any(r.denominator != 1 for r in ratios):
+                raise TilingUnsupportedError("a value's resolution is not a whole multiple of the lowest")
+            factors = self.__dict__["_factors"] = [int(r) for r in ratios]
+        return factors[value]
+
     def last_use(self) -> list[int]:
         """For each value, the index of the last step that reads it (-1: never read)."""
         last = [-1] * (len(self.steps) + 1)
