@@ -23,7 +23,9 @@ sample and the statistics are exact.
 *Lean* (with a spill store, when the above does not fit the budget): the segment's input goes to
 the store, the proxy runs in tiles with its values spilled, and the sample tiles park their slabs
 in the store between lockstep steps, so memory is one tile's chain plus the segment's output. The
-statistics and the output are the same as without it.
+planner keeps as many sample tiles in memory (unparked) as the budget holds beyond that: each
+one kept saves its slabs' trip through the store. The statistics and the output are the same as
+without it.
 """
 
 from __future__ import annotations
