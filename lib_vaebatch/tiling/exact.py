@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lib_vaebatch.tiling.heap import release_freed
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, project
 from lib_vaebatch.tiling.program import Program, Step
 from lib_vaebatch.tiling.spill import DiskValue, SpillStore, resident
@@ -157,6 +158,7 @@ def run_steps(
         for value in (step.src, step.skip):
             if value is not None and last_use[value] == i and value != out_value:
                 run.drop(value)
+        release_freed(run.device)
 
 
 def _attention(run: Run, step: Step, index: int, stats: ChannelStats | None) -> torch.Tensor:

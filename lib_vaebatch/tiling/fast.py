@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
+from lib_vaebatch.tiling.heap import release_freed
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
 from lib_vaebatch.tiling.ops import Region, Slab, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError
@@ -191,6 +192,7 @@ def run_segment(
             if acc is not None and value < last:
                 acc.add(tile.slabs[value].crop(tile.core_of(run, value)))
             run.tick()
+        release_freed(run.device)
         if acc is not None and value < last:
             measured = acc.moments()
             ratio = not exact and value in proxy
@@ -213,6 +215,7 @@ def run_segment(
             tile.step(run, i, affines.get(i))
             run.tick()
         finish(tile)
+        release_freed(run.device)
     return out_stats
 
 
