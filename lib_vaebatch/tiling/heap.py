@@ -16,6 +16,7 @@ nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -24,23 +25,18 @@ import torch
 
 TRIM_ENV = "VAEBATCH_MALLOC_TRIM"
 
-_UNSET: object = object()
-_trim: Callable[[int], int] | object | None = _UNSET
 
-
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    global _trim
-    if _trim is _UNSET:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
-            except OSError:
-                fn = None
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        _trim = fn
-    return _trim  # type: ignore[return-value]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
+    except OSError:
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def enabled() -> bool:

@@ -60,12 +60,8 @@ def clean_cuts(program: Program) -> list[int]:
     ]
 
 
-def _factor(program: Program, value: int) -> int:
-    return program.factor(value)
-
-
 def _hw(program: Program, base: tuple[int, int], value: int) -> tuple[int, int]:
-    f = _factor(program, value)
+    f = program.factor(value)
     return base[0] * f, base[1] * f
 
 
@@ -74,7 +70,7 @@ def chain_regions(
 ) -> dict[int, Region]:
     """What a tile whose core (at the lowest resolution) is ``core`` needs of every value from
     ``first`` to ``last`` to compute value ``last`` over its core."""
-    req: dict[int, Region] = {last: core.scaled(_factor(program, last))}
+    req: dict[int, Region] = {last: core.scaled(program.factor(last))}
     for i in range(last - 1, first - 1, -1):
         step = program.steps[i]
         if i + 1 not in req:

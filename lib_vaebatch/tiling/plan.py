@@ -111,13 +111,10 @@ def fast_segment_peak(
     """Planned peak elements of the independent segment of a fast run (its whole input and output,
     the sample tiles in lockstep or the proxy, one tile's temporaries)."""
 
-    cores = grid(base[0], base[1], tile)
-    rows = len({c.y0 for c in cores})
-    sampled = sample_tiles(rows, len(cores) // rows)
     h0, w0 = _hw(program, base, first)
     hl, wl = _hw(program, base, last)
     whole = batch * (program.channels[first] * h0 * w0 + program.channels[last] * hl * wl)
-    tiles = [_regions(program, base, first, last, cores[k]) for k in sampled]
+    tiles = _sample_regions(program, base, tile, first, last)
     lockstep = max(sum(_slab_elements(program, regs, i, batch) for regs in tiles) for i in range(first, last))
     proxy_base = (max(1, base[0] // 2), max(1, base[1] // 2))
     proxy = max(exact_live(program, proxy_base, batch, range(first, last)), default=0)
@@ -130,12 +127,18 @@ def lockstep_tile_elements(
 ) -> tuple[int, int]:
     """(elements one sample tile holds between lockstep steps at most, number of sample tiles) of
     the independent segment: what a lean fast run keeps in memory per sample tile it does not park."""
+    tiles = _sample_regions(program, base, tile, first, last)
+    per = max(_slab_elements(program, regs, i, batch) for regs in tiles for i in range(first, last))
+    return per, len(tiles)
+
+
+def _sample_regions(
+    program: Program, base: tuple[int, int], tile: int, first: int, last: int
+) -> list[dict[int, Region]]:
+    """The regions each sample tile of the independent segment computes, per value."""
     cores = grid(base[0], base[1], tile)
     rows = len({c.y0 for c in cores})
-    sampled = sample_tiles(rows, len(cores) // rows)
-    tiles = [_regions(program, base, first, last, cores[k]) for k in sampled]
-    per = max(_slab_elements(program, regs, i, batch) for regs in tiles for i in range(first, last))
-    return per, len(sampled)
+    return [_regions(program, base, first, last, cores[k]) for k in sample_tiles(rows, len(cores) // rows)]
 
 
 def _regions(

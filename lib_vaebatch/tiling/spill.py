@@ -38,9 +38,9 @@ class SpillError(RuntimeError):
     error): the engine then runs the sample again without spilling."""
 
 
-def _failed(directory: str | None, exc: OSError) -> SpillError:
-    where = directory or tempfile.gettempdir()
-    return SpillError(f"spill file in {where}: {exc.strerror or exc}")
+def _failed(directory: str | None, problem: OSError | str) -> SpillError:
+    why = problem if isinstance(problem, str) else problem.strerror or str(problem)
+    return SpillError(f"spill file in {directory or tempfile.gettempdir()}: {why}")
 
 
 def _span(key: slice, length: int) -> tuple[int, int, int]:
@@ -141,8 +141,7 @@ class DiskValue:
             while got < want:  # regular files return short reads only at the end
                 more = os.preadv(self._fd, [memoryview(buf)[got:]], offset + got)
                 if more <= 0:
-                    raise SpillError(f"spill file in {self._directory or tempfile.gettempdir()} "
-                                     f"ended at byte {offset + got}")  # fmt: skip
+                    raise _failed(self._directory, f"ended at byte {offset + got}")
                 got += more
         except OSError as exc:
             raise _failed(self._directory, exc) from exc
