@@ -29,7 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baselines import a1111_decode_latent_batch
-from bench.common import RESULTS, load_average, machine, median, sd_vae, timed, write
+from bench.common import (
+    RESULTS,
+    load_average,
+    machine,
+    median,
+    rss_peak_since,
+    rss_peak_start,
+    sd_vae,
+    timed,
+    write,
+)
 from lib_vaebatch.devices import default_dtype, dtype_name, parse_dtype, resolve_device
 from lib_vaebatch.engine.decode import decode_latents
 from lib_vaebatch.engine.options import EngineOptions
@@ -131,9 +141,9 @@ def main() -> int:
             (
                 "| size | batch | engine layout | engine s | A1111 loop s | whole batch s | plain CL s "
                 "| engine / A1111 | engine / plain CL | engine / whole "
-                "| max abs diff vs plain CL | vs same-kernel plain |"
+                "| max abs diff vs plain CL | vs same-kernel plain | peak MiB engine / plain CL |"
             ),
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             m = r["median"]
@@ -147,6 +157,12 @@ def main() -> int:
                 f"{diff_cl:.1e}" if diff_cl is not None else "-",
                 f"{r['max_abs_diff_same_kernels']:.1e}",
             ]
+            peak = r.get("peak_rss_mib", {})
+            diffs.append(
+                f"{peak['engine']:.0f} / {peak['plain_channels_last']:.0f}"
+                if "engine" in peak and "plain_channels_last" in peak
+                else "-"
+            )
             lines.append(
                 f"| {r['size']}² | {r['batch']} | {r['engine_layout'] or '-'} | "
                 + " | ".join(cells + ratios + diffs)
@@ -193,10 +209,15 @@ def main() -> int:
             lat = torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(batch))
             decisions = settle(lat)  # the engine's chunks of this batch have their own input shapes
             times: dict[str, list[float]] = {m: [] for m in methods}
+            peaks: dict[str, list[int]] = {m: [] for m in methods}
             for r in range(args.repeats):
                 order = methods[r % len(methods) :] + methods[: r % len(methods)]  # no method always first
                 for m in order:
+                    last_out.pop(m, None)  # the previous output is not part of this call's peak
+                    start = rss_peak_start() if device.type == "cpu" else None
                     times[m].append(timed(lambda m=m, lat=lat: keep(m, fns[m](lat)), device))
+                    if (rise := rss_peak_since(start)) is not None:
+                        peaks[m].append(rise)
                 print(
                     f"size {size} batch {batch} repeat {r + 1}: "
                     + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods),
@@ -218,6 +239,8 @@ def main() -> int:
                         (v for m, v in ratio.items() if m in ("a1111_per_sample", "plain_channels_last")),
                         default=None,
                     ),
+                    # rise of the process's peak resident set during the call (CPU), MiB
+                    "peak_rss_mib": {m: max(p) / 2**20 for m, p in peaks.items() if p},
                     "engine_chunks": list(last_chunks),
                     "engine_layout": "+".join(sorted(decisions)) or None,
                     "max_abs_diff": accuracy,

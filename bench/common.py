@@ -105,6 +105,32 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def rss_peak_start() -> int | None:
+    """Reset the process's peak resident set (Linux: ``/proc/self/clear_refs``) and return the
+    resident set now, in bytes; None where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    now = _status_kib("VmRSS:")
+    return None if now is None else now * 1024
+
+
+def rss_peak_since(start: int | None) -> int | None:
+    """How far the peak resident set rose above ``start`` (from :func:`rss_peak_start`), bytes."""
+    peak = _status_kib("VmHWM:") if start is not None else None
+    return None if peak is None or start is None else max(0, peak * 1024 - start)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -102,9 +102,10 @@ class LayoutTuner:
     unless another is faster by more than ``margin``; ``rounds`` timed calls per candidate decide,
     by the fastest call of each (the minimum is robust to the first call's set-up costs and to a
     busy machine's slow spells). While the two fastest
-    are within ``settle`` of each other, more rounds are timed, up to ``max_rounds``: on a noisy
-    machine a close call is where one slow spell flips the answer, and there the extra calls in
-    the slower layout cost little by definition. ``clock`` is injectable for tests.
+    are within ``settle`` of each other, more rounds are timed, up to ``max_rounds``, of the
+    candidates within ``settle`` of the fastest only: on a noisy machine a close call is where one
+    slow spell flips the answer, and there the extra calls in the slower layout cost little by
+    definition, while a clearly slower form is not run again. ``clock`` is injectable for tests.
 
     With ``per_sample`` (the default), a key whose batch has more than one sample also times each
     candidate run one sample at a time: on a CPU whose caches hold one small sample's activations
@@ -191,7 +192,10 @@ class LayoutTuner:
             ranked = sorted(candidates, key=lambda c: best[c])
             close = best[ranked[0]] > (1.0 - self.settle) * best[ranked[1]]
             if close and probe.rounds < self.max_rounds:
-                probe.schedule += self._round(candidates, probe.rounds)
+                # Only the forms still in the running (within ``settle`` of the fastest) are timed
+                # again: at 512², batch 4, a call of a clearly slower form costs a minute.
+                running = tuple(c for c in candidates if best[ranked[0]] > (1.0 - self.settle) * best[c])
+                probe.schedule += self._round(running, probe.rounds)
                 probe.rounds += 1
                 return
             # A tie (within the margin of the fastest): the preferred layout, whose outputs match

@@ -152,7 +152,7 @@ def test_only_the_webui_sub_package_touches_modules():
 #: the HTTP API runs too, so they sit below ``api``; the gradio page itself (``ui``) sits above it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core utilities", ("", "log", "progress", "naming", "images", "infotext", "tensorfile",
-                        "ptfile", "families", "devices", "layout")),
+                        "ptfile", "families", "devices", "layout", "heap")),
     ("files and tiling", ("tiling", "latents", "saving", "writer")),
     ("backends", ("backends",)),
     ("engine", ("engine",)),

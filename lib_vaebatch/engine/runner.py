@@ -1,7 +1,8 @@
 """The chunk loop shared by batch decode and batch encode.
 
 For each chunk: run it, check every sample for NaN/Inf, and send the outputs to the target device;
-on CUDA the copy and check of chunk k overlap the run of chunk k+1. Non-finite samples are re-run,
+on CUDA the copy and check of chunk k overlap the run of chunk k+1; on the CPU an untiled chunk keeps
+its freed memory for reuse during the call (lib_vaebatch/heap.py). Non-finite samples are re-run,
 and only those, up the precision ladder. An out-of-memory error halves the chunk (after the
 exception has been left, so its frames and the failed allocation are freed) down to 1, then hands
 the sample to the backend's tiled path. Finished samples are never thrown away: a failure, an OOM
@@ -24,6 +25,7 @@ from lib_vaebatch.engine.offload import Offloader, Pending
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.engine.planner import Plan, memory_budget, plan_chunk, record_measurement
 from lib_vaebatch.engine.results import BatchResult, SampleReport, Status
+from lib_vaebatch.heap import REUSE_SLACK, reuse_freed
 from lib_vaebatch.tiling import MIN_TILE, SpillError, TileSettings, TilingCancelledError, default_store
 
 log = logging.getLogger("vaebatch")
@@ -251,7 +253,8 @@ class BatchRunner:
         measure = not tiled and self._should_measure()
         before = self._peak_reset() if measure else 0
         try:
-            out = self.fn(x, idx, tiles)
+            with reuse_freed(self._reuse_device(idx, plan) if tiles is None else None):
+                out = self.fn(x, idx, tiles)
             pending = self._offloader.submit(out, check=self.options.nan_check)
         except TilingCancelledError:
             self._cancelled = True
@@ -277,6 +280,13 @@ class BatchRunner:
             )
         self.chunk_sizes.append(len(idx))
         return _Launch(pending=pending, mode=tiles.used_mode if tiles is not None else None)
+
+    def _reuse_device(self, idx: list[int], plan: Plan) -> torch.device | None:
+        """The device on which an untiled chunk keeps freed memory for reuse during the call
+        (lib_vaebatch/heap.py acts on the CPU), None where its planned memory leaves too little
+        room for the heap's fragmentation."""
+        planned = len(idx) * plan.per_sample_bytes + plan.fixed_bytes
+        return self.backend.device if planned * REUSE_SLACK <= plan.budget_bytes else None
 
     def _tile_settings(self, idx: list[int]) -> TileSettings:
         def progress(done: int, total: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lib_vaebatch.tiling.heap import release_freed
+from lib_vaebatch.heap import release_freed
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, project
 from lib_vaebatch.tiling.program import Program, Step
 from lib_vaebatch.tiling.spill import DiskValue, SpillStore, resident

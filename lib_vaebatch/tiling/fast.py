@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from lib_vaebatch.heap import release_freed
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
-from lib_vaebatch.tiling.heap import release_freed
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
 from lib_vaebatch.tiling.ops import Region, Slab, grid, sample_tiles
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError

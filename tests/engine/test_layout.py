@@ -182,6 +182,21 @@ def test_a_tie_between_forms_prefers_channels_last_whole_then_channels_last_per_
         assert tuner.decision(m, key) == want, costs
 
 
+def test_extra_rounds_time_only_the_forms_still_in_the_running():
+    tuner, key = LayoutTuner(max_rounds=4), _key((4, 4, 8, 8))
+    cl_each, cont_each = CHANNELS_LAST.one_at_a_time(), CONTIGUOUS.one_at_a_time()
+    # the two whole-batch forms 3% apart (not settled), the per-sample forms 40-60% slower
+    cost = {CONTIGUOUS: 1.03, CHANNELS_LAST: 1.0, cont_each: 1.6, cl_each: 1.4}
+    m, order = torch.nn.Linear(1, 1), []
+    while tuner.decision(m, key) is None:
+        layout = tuner.next_layout(m, key)
+        order.append(layout)
+        tuner.record(m, key, layout, cost[layout])
+    assert len(order) == 2 * 4 + 2 * 2  # two rounds of four, then two rounds of the close two
+    assert set(order[8:]) == {CONTIGUOUS, CHANNELS_LAST}
+    assert tuner.decision(m, key) is CHANNELS_LAST
+
+
 class BatchClock:
     """A clock that advances per decoder call by ``cost(batch)`` of the call's input: a VAE whose
     batched call is slower (or faster) per sample than one sample at a time, timing nothing."""
