@@ -128,6 +128,47 @@ def test_freed_memory_is_reused_within_the_scope_and_returned_after_it():
     assert r["kept_mib"] < 32, r
 
 
+#: The same on a worker thread (a webui's generation runs on one): its glibc arena is made of
+#: 64 MiB heaps, so there the reuse covers blocks under 64 MiB (16 MiB here).
+THREAD_CHILD = r"""
+import json, resource, threading
+import torch
+from lib_vaebatch.heap import reuse_freed
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # the main thread waits in join
+
+def churn():
+    before = faults()
+    for _ in range(6):
+        t = torch.empty(4 << 20)
+        t.fill_(1.0)
+        del t
+    return faults() - before
+
+result = {}
+def work():
+    churn()
+    result["before"] = churn()
+    with reuse_freed(torch.device("cpu")):
+        churn(), churn(), churn()
+        result["inside"] = churn()
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+def test_on_a_worker_thread_blocks_under_64_mib_are_reused():
+    r = _run_child(THREAD_CHILD, LD_PRELOAD="", GLIBC_TUNABLES="")
+    pages = PAGES // 4  # 16 MiB blocks
+    assert r["before"] > 5 * pages, r
+    assert r["inside"] < 2 * pages, r
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
 @pytest.mark.parametrize("env", [{"VAEBATCH_HEAP_REUSE": "0"}, {"MALLOC_ARENA_MAX_": "2"}])
 def test_reuse_stays_off_when_turned_off_or_the_allocator_is_configured_by_the_user(env):
