@@ -186,10 +186,13 @@ def main() -> int:
     def keep(m: str, out: object) -> None:
         last_out[m] = out  # the last timed output of each method, compared once the row is done
 
+    settle_runs: dict[torch.Size, int] = {}  # engine decodes each input shape took to settle
+
     def settle(lat: torch.Tensor) -> set[str]:
         """Run the engine on ``lat`` until its layout probe (a few real decodes, once per process
         and input shape) has decided for every chunk shape it plans; the layouts it chose."""
         for _ in range(48):  # a batch is timed in four forms (two layouts, batched or per sample)
+            settle_runs[lat.shape] = settle_runs.get(lat.shape, 0) + 1
             engine(lat)
             keys = [("decode", (c, *lat.shape[1:]), dtype, device) for c in set(last_chunks)]
             found = [vae.tuner.decision(vae.module, k) for k in keys]
@@ -242,6 +245,7 @@ def main() -> int:
                     # rise of the process's peak resident set during the call (CPU), MiB
                     "peak_rss_mib": {m: max(p) / 2**20 for m, p in peaks.items() if p},
                     "engine_chunks": list(last_chunks),
+                    "settle_runs": settle_runs.get(lat.shape),
                     "engine_layout": "+".join(sorted(decisions)) or None,
                     "max_abs_diff": accuracy,
                     "max_abs_diff_batch": _batch_accuracy(last_out),
