@@ -93,10 +93,15 @@ with reuse_freed(cpu) as on:
         pass
     churn(), churn(), churn()
     out["inside"] = churn()  # the nested scope's exit leaves the outer one's setting
+    base = rss()
+    big = torch.ones(64 << 20)  # 256 MiB, larger than any hole: from the heap's top, kept on free
+    del big
+    out["kept_inside_mib"] = (rss() - base) / 2**20
 out.update(on=on, nested=nested)
-base = rss()
-out["after"] = churn()
-out["kept_mib"] = (rss() - base) / 2**20
+out["kept_after_mib"] = (rss() - base) / 2**20  # the scope's end returned the free pages
+big = torch.ones(64 << 20)  # mmapped again, and unmapped on free
+del big
+out["kept_big_after_mib"] = (rss() - base) / 2**20
 with reuse_freed(None) as none:
     out["none"] = none
 print(json.dumps(out))
@@ -123,9 +128,11 @@ def test_freed_memory_is_reused_within_the_scope_and_returned_after_it():
     # six blocks, six times faulted in from fresh mmaps; inside, about once (the heap's pages)
     assert r["before"] > 5 * PAGES, r
     assert r["inside"] < 2 * PAGES, r
-    # after: the allocator is back to mmapping (faulting) and the heap's free pages went back
-    assert r["after"] > 5 * PAGES, r
-    assert r["kept_mib"] < 32, r
+    # a freed 256 MiB block stays resident inside the scope; after it, the free pages went back
+    # and the allocator maps (and unmaps) large blocks again
+    assert r["kept_inside_mib"] > 128, r  # part of it may land on holes already resident
+    assert r["kept_after_mib"] < 32, r
+    assert r["kept_big_after_mib"] < 32, r
 
 
 #: The same on a worker thread (a webui's generation runs on one): its glibc arena is made of
@@ -165,7 +172,7 @@ print(json.dumps(result))
 def test_on_a_worker_thread_blocks_under_64_mib_are_reused():
     r = _run_child(THREAD_CHILD, LD_PRELOAD="", GLIBC_TUNABLES="")
     pages = PAGES // 4  # 16 MiB blocks
-    assert r["before"] > 5 * pages, r
+    assert r["before"] > 2 * pages, r  # outside the scope some are mapped afresh (4-6 of 6 seen)
     assert r["inside"] < 2 * pages, r
 
 
