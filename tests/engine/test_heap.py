@@ -42,13 +42,7 @@ print(json.dumps({"did": did, "released_mib": (before - after) / 2**20, "kept": 
 
 
 def _run(**env: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_child(CHILD, **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
