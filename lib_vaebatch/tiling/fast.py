@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 
-from lib_vaebatch.heap import release_freed
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
 from lib_vaebatch.tiling.ops import Region, Slab, grid, sample_tiles
@@ -86,9 +85,11 @@ def _proxy_moments(
     program = run.program
     bh, bw = run.base_hw[0] // 2, run.base_hw[1] // 2
     f = run.factor(first)
-    tile = run.tile if lean else max(bh, bw)
     spill = run.spill if lean else None
-    proxy = Run(program, tile, (bh, bw), run.device, run.store, None, run.cancel, spill=spill)
+    # in the run's own tiles: one tile over the whole proxy would hold temporaries of a quarter of
+    # the full-resolution image (the planner counts one tile's)
+    proxy = Run(program, run.tile, (bh, bw), run.device, run.store, None, run.cancel, spill=spill,
+                heap_limit=run.heap_limit)  # fmt: skip
     if lean:
         _subsample_into_store(run, proxy, first, (bh * f, bw * f))
     else:
@@ -192,7 +193,7 @@ def run_segment(
             if acc is not None and value < last:
                 acc.add(tile.slabs[value].crop(tile.core_of(run, value)))
             run.tick()
-        release_freed(run.device)
+        run.release()
         if acc is not None and value < last:
             measured = acc.moments()
             ratio = not exact and value in proxy
@@ -215,7 +216,7 @@ def run_segment(
             tile.step(run, i, affines.get(i))
             run.tick()
         finish(tile)
-        release_freed(run.device)
+        run.release()
     return out_stats
 
 
@@ -254,17 +255,18 @@ def run_fast(
     spill: SpillStore | None = None,
     lean: bool = False,
     resident: int = 0,
+    heap_cap: int | None = None,
 ) -> torch.Tensor:
     """Run ``program`` with its high-resolution stage in independent tiles (see the module doc).
     The steps before and after that stage run exactly, by the ``prefix`` and ``suffix`` schedules
     (default: whole values, see :mod:`lib_vaebatch.tiling.lean`); ``lean`` runs the stage itself
     with its values in ``spill`` (see the module doc), but for the slabs of the first ``resident``
-    sample tiles."""
+    sample tiles; ``heap_cap`` as for :func:`~lib_vaebatch.tiling.exact.start_run`."""
     first, last = segment or default_segment(program)
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
         raise TilingUnsupportedError("attention cannot run in independent tiles")
-    run = start_run(program, x, tile, store, progress, cancel, spill)
+    run = start_run(program, x, tile, store, progress, cancel, spill, heap_cap)
     n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
     before = prefix.segments if prefix is not None else ()
     after = suffix.segments if suffix is not None else ()

@@ -160,6 +160,10 @@ def run_recompute(run: Run, first: int, last: int) -> None:
                 region = core.scaled(run.factor(last))
                 assert out is not None
                 out[:, :, region.y0 : region.y1, region.x0 : region.x1] = y.to(run.store)
+            del y
+            # a tile's chain is freed here; border tiles' crops differ in size, and freed blocks
+            # the next chain does not fit would otherwise stay resident above the plan
+            run.release()
         if stats is not None:
             run.stats[target] = stats
     assert out is not None
@@ -539,12 +543,14 @@ def run_lean(
     progress: TileProgress | None = None,
     cancel: TileCancel | None = None,
     spill: SpillStore | None = None,
+    heap_cap: int | None = None,
 ) -> torch.Tensor:
     """Run ``program`` on ``x`` by the schedule ``plan`` (see :func:`schedule`); exact. ``spill``
-    is where its spill segments keep their values (required if it has any)."""
+    is where its spill segments keep their values (required if it has any); ``heap_cap`` as for
+    :func:`~lib_vaebatch.tiling.exact.start_run`."""
     if plan.spills and spill is None:
         raise ValueError("this schedule spills values but no spill store was given")
-    run = start_run(program, x, plan.tile, store, progress, cancel, spill)
+    run = start_run(program, x, plan.tile, store, progress, cancel, spill, heap_cap)
     run.total = schedule_units(run, plan)
     run_schedule(run, plan)
     return run.result()

@@ -35,9 +35,12 @@ for i in range(200):
     (kept if i % 2 else freed).append(torch.ones((1 << 18) + 1000 * i))
 del freed
 before = rss()
-did = release_freed(torch.device("cpu"))
+held = release_freed(torch.device("cpu"), above=before + (1 << 30))  # the process is below that
+after_held = rss()
+did = release_freed(torch.device("cpu"), above=before - (32 << 20))  # and above this
 after = rss()
-print(json.dumps({"did": did, "released_mib": (before - after) / 2**20, "kept": len(kept)}))
+print(json.dumps({"did": did, "released_mib": (after_held - after) / 2**20, "kept": len(kept),
+                  "held": held, "released_held_mib": (before - after_held) / 2**20}))
 """
 
 
@@ -48,6 +51,7 @@ def _run(**env: str) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
 def test_freed_tiles_memory_is_returned_to_the_os_unless_turned_off():
     on = _run()
+    assert on["held"] is False and on["released_held_mib"] < 10, on  # below the level: kept for reuse
     assert on["did"] is True
     assert on["released_mib"] > 50, on  # about 100 MiB freed in the middle of the heap
     off = _run(VAEBATCH_MALLOC_TRIM="0")
