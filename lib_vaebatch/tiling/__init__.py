@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from lib_vaebatch.heap import HeapGuard
 from lib_vaebatch.tiling.exact import TileCancel, TileProgress, TilingCancelledError, _base_hw
 from lib_vaebatch.tiling.fast import default_segment, lean_segment_plan, run_fast
 from lib_vaebatch.tiling.lean import SPILL_MACS_PER_BYTE, WORKSPACE_FACTOR, Schedule, run_lean, schedule
@@ -35,6 +36,7 @@ from lib_vaebatch.tiling.plan import (
     estimate_peak,
     fast_segment_peak,
     lockstep_tile_elements,
+    step_transient,
 )
 from lib_vaebatch.tiling.program import Program, TilingUnsupportedError, decoder_program, encoder_program
 from lib_vaebatch.tiling.spill import SpillError, SpillStore, default_store
@@ -66,13 +68,6 @@ TILE_CANDIDATES = (32, 24, 16, 12, 8)
 #: (peak RSS, CPU, 512² to 2048², bench/bench_lean.py) came out up to ~60 MiB above the modelled
 #: ones. Every planned peak includes it, so a budget below it is below the minimum.
 FIXED_OVERHEAD = 64 << 20
-#: On the CPU, freed memory stays in the process for the next tile (no fresh pages to fault in)
-#: until the resident set has risen this fraction of the planned peak above where the call began;
-#: from there on it goes back to the OS between tiles, so the pages that freed tiles leave behind
-#: (blocks the next tile does not fit) cannot carry the peak past the plan. Measured at 1024²
-#: (recomputation within 1 GiB): trimming after every tile kept the peak under the plan at 1.3×
-#: the time; never trimming ran 14% over it.
-HEAP_CAP_FRACTION = 0.75
 #: Plain tiles: sizes tried, largest first (ComfyUI's single pass uses 64 with an overlap of 16).
 PLAIN_CANDIDATES = (64, 48, 32, 24, 16, 12, 8)
 
@@ -288,7 +283,13 @@ def run_tiled(
         else minimum_budget(program, x, family, max_tile=settings.max_tile, spill=settings.spill)  # type: ignore[arg-type]
     )
     spill = settings.spill
-    heap_cap = int(HEAP_CAP_FRACTION * p.planned_bytes)
+    # CPU: freed memory stays for the next tile while the resident set keeps within the plan
+    heap = (
+        HeapGuard.starting_now(p.planned_bytes, step_transient(program, _base_hw(program, x), p.tile,
+                                                               batch=x.shape[0], dtype=x.dtype))
+        if x.device.type == "cpu" and p.mode in ("exact", "exact-spill", "exact-lean", "fast")
+        else None
+    )  # fmt: skip
 
     def execute() -> torch.Tensor:
         if p.mode == "plain":
@@ -296,10 +297,10 @@ def run_tiled(
         if p.mode == "fast":
             return run_fast(program, x, tile=p.tile, segment=p.segment, progress=settings.progress,
                             cancel=settings.cancel, prefix=p.prefix, suffix=p.suffix, spill=spill,
-                            lean=p.lean, resident=p.resident, heap_cap=heap_cap)  # fmt: skip
+                            lean=p.lean, resident=p.resident, heap=heap)  # fmt: skip
         assert p.schedule is not None
         return run_lean(program, x, p.schedule, progress=settings.progress, cancel=settings.cancel,
-                        spill=spill, heap_cap=heap_cap)  # fmt: skip
+                        spill=spill, heap=heap)  # fmt: skip
 
     cal_mode = "fast" if p.mode == "fast" else "exact"
     if (

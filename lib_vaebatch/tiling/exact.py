@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lib_vaebatch.heap import release_freed, resident_bytes
+from lib_vaebatch.heap import HeapGuard, release_freed
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, project
 from lib_vaebatch.tiling.program import Program, Step
 from lib_vaebatch.tiling.spill import DiskValue, SpillStore, resident
@@ -46,14 +46,16 @@ class Run:
     stats: dict[int, ChannelStats] = field(default_factory=dict)
     #: where "spill" segments keep the values they create (None: nowhere, they cannot run)
     spill: SpillStore | None = None
-    #: resident bytes of the process above which freed memory goes back to the OS between tiles
-    #: (None: always); see :func:`start_run`
-    heap_limit: int | None = None
+    #: keeps the process's resident set within the run's plan (CPU; None: freed memory goes back
+    #: to the OS after every step); see :func:`start_run`
+    heap: HeapGuard | None = None
 
     def release(self) -> None:
-        """Between steps or tiles: hand freed heap pages back (CPU) once the process holds more
-        than ``heap_limit``."""
-        release_freed(self.device, self.heap_limit)
+        """After a step: hand freed heap pages back to the OS (CPU), where the guard says so."""
+        if self.heap is not None:
+            self.heap.check(self.device)
+        else:
+            release_freed(self.device)
 
     def factor(self, value: int) -> int:
         """Pixels of ``value`` per pixel of the lowest-resolution value."""
@@ -72,6 +74,8 @@ class Run:
         if self.cancel is not None and self.cancel():
             raise TilingCancelledError("cancelled between tiles")
         self.done += 1
+        if self.heap is not None:  # after every tile: one tile's work between two checks
+            self.heap.check(self.device)
         if self.progress is not None:
             self.progress(self.done, self.total)
 
@@ -240,17 +244,14 @@ def start_run(
     progress: TileProgress | None,
     cancel: TileCancel | None,
     spill: SpillStore | None = None,
-    heap_cap: int | None = None,
+    heap: HeapGuard | None = None,
 ) -> Run:
     """The state of a tiled call with its input in place (and that input's statistics, if a norm
-    reads it); the executors set ``total`` and run the steps. ``heap_cap``: the process's resident
-    set may rise this many bytes above where it is now before freed memory is handed back between
-    tiles (None: handed back after every step)."""
+    reads it); the executors set ``total`` and run the steps. ``heap``: keeps the process's
+    resident set within the run's plan (CPU; None: freed memory goes back after every step)."""
     device = program.steps[0].conv.weight.device if program.steps[0].conv is not None else x.device
     run = Run(program, tile, _base_hw(program, x), device, store or device, progress, cancel, spill=spill)
-    if heap_cap is not None:
-        now = resident_bytes()
-        run.heap_limit = None if now is None else now + heap_cap
+    run.heap = heap if device.type == "cpu" else None
     run.values[0] = x.to(run.store)
     if program.needs_stats()[0]:
         run.stats[0] = ChannelStats(x.shape[0], x.shape[1], device)

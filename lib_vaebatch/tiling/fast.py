@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from lib_vaebatch.heap import HeapGuard
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.lean import Schedule, Tile, clean_cuts, run_schedule, schedule_units
 from lib_vaebatch.tiling.ops import Region, Slab, grid, sample_tiles
@@ -89,7 +90,7 @@ def _proxy_moments(
     # in the run's own tiles: one tile over the whole proxy would hold temporaries of a quarter of
     # the full-resolution image (the planner counts one tile's)
     proxy = Run(program, run.tile, (bh, bw), run.device, run.store, None, run.cancel, spill=spill,
-                heap_limit=run.heap_limit)  # fmt: skip
+                heap=run.heap)  # fmt: skip
     if lean:
         _subsample_into_store(run, proxy, first, (bh * f, bw * f))
     else:
@@ -255,18 +256,18 @@ def run_fast(
     spill: SpillStore | None = None,
     lean: bool = False,
     resident: int = 0,
-    heap_cap: int | None = None,
+    heap: HeapGuard | None = None,
 ) -> torch.Tensor:
     """Run ``program`` with its high-resolution stage in independent tiles (see the module doc).
     The steps before and after that stage run exactly, by the ``prefix`` and ``suffix`` schedules
     (default: whole values, see :mod:`lib_vaebatch.tiling.lean`); ``lean`` runs the stage itself
     with its values in ``spill`` (see the module doc), but for the slabs of the first ``resident``
-    sample tiles; ``heap_cap`` as for :func:`~lib_vaebatch.tiling.exact.start_run`."""
+    sample tiles; ``heap`` as for :func:`~lib_vaebatch.tiling.exact.start_run`."""
     first, last = segment or default_segment(program)
     n = len(program.steps)
     if any(program.steps[i].kind == "attn" for i in range(first, last)):
         raise TilingUnsupportedError("attention cannot run in independent tiles")
-    run = start_run(program, x, tile, store, progress, cancel, spill, heap_cap)
+    run = start_run(program, x, tile, store, progress, cancel, spill, heap)
     n_tiles = len(grid(run.base_hw[0], run.base_hw[1], tile))
     before = prefix.segments if prefix is not None else ()
     after = suffix.segments if suffix is not None else ()

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from lib_vaebatch.heap import HeapGuard
 from lib_vaebatch.tiling.exact import Run, TileCancel, TileProgress, count_units, run_steps, start_run
 from lib_vaebatch.tiling.ops import Region, Slab, compute, grid, input_regions, tile_edges
 from lib_vaebatch.tiling.program import Program
@@ -543,14 +544,14 @@ def run_lean(
     progress: TileProgress | None = None,
     cancel: TileCancel | None = None,
     spill: SpillStore | None = None,
-    heap_cap: int | None = None,
+    heap: HeapGuard | None = None,
 ) -> torch.Tensor:
     """Run ``program`` on ``x`` by the schedule ``plan`` (see :func:`schedule`); exact. ``spill``
-    is where its spill segments keep their values (required if it has any); ``heap_cap`` as for
+    is where its spill segments keep their values (required if it has any); ``heap`` as for
     :func:`~lib_vaebatch.tiling.exact.start_run`."""
     if plan.spills and spill is None:
         raise ValueError("this schedule spills values but no spill store was given")
-    run = start_run(program, x, plan.tile, store, progress, cancel, spill, heap_cap)
+    run = start_run(program, x, plan.tile, store, progress, cancel, spill, heap)
     run.total = schedule_units(run, plan)
     run_schedule(run, plan)
     return run.result()

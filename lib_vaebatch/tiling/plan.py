@@ -61,6 +61,22 @@ def tile_work(program: Program, base: tuple[int, int], tile: int, i: int, batch:
     return batch * work
 
 
+def step_transient(
+    program: Program,
+    base: tuple[int, int],
+    tile: int,
+    *,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    factor: float = DEFAULT_WORKSPACE_FACTOR,
+) -> int:
+    """Planned bytes of the largest temporaries one tile's step allocates and frees again (the
+    rise of memory within a step that the values alive between steps do not show)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    work = max((tile_work(program, base, tile, i, batch) for i in range(len(program.steps))), default=0)
+    return int(factor * work * size)
+
+
 def exact_live(program: Program, base: tuple[int, int], batch: int, steps: range) -> list[int]:
     """Elements of whole values alive while each step in ``steps`` runs."""
     last_use = program.last_use()

@@ -1,8 +1,7 @@
-"""Tiled CPU runs hand freed heap pages back to the OS only once the process's resident set has
-risen a share of the planned peak (``HEAP_CAP_FRACTION``): below that, freed tiles' pages stay for
-the next tile (no fresh pages to fault in); above it, they go back between tiles, so the peak
-keeps to the plan. The resident set is simulated here; the trimming itself is measured in
-tests/engine/test_heap.py and the peaks against the plan in bench/bench_lean.py."""
+"""Tiled CPU runs hand freed heap pages back to the OS only where the next tile could take the
+process past the run's plan (``heap.HeapGuard``): below that, freed tiles' pages stay for the next
+tile (no fresh pages to fault in). The resident set is simulated here; the trimming itself is
+measured in tests/engine/test_heap.py and the peaks against the plan in bench/bench_lean.py."""
 
 from __future__ import annotations
 
@@ -10,41 +9,66 @@ import pytest
 import torch
 
 import lib_vaebatch.heap as heap
-import lib_vaebatch.tiling.exact as exact
-from lib_vaebatch.tiling import HEAP_CAP_FRACTION, TileSettings, decoder_program, run_tiled
+from lib_vaebatch.heap import HeapGuard
+from lib_vaebatch.tiling import TileSettings, decoder_program, run_tiled
 from lib_vaebatch.tiling.exact import run_exact
+from lib_vaebatch.tiling.plan import step_transient
 from tests.support import tiny_autoencoder
 
 BASE = 1 << 30
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def trims(monkeypatch):
+def sim(monkeypatch):
     """Counts malloc_trim calls; ``level[0]`` is the resident set the run sees, in bytes above
-    ``BASE`` once the run has started."""
+    ``BASE``; a trim brings it down to ``level[1]``."""
     calls: list[int] = []
-    level = [None]
-    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
+    level = [0, 0]
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        level[0] = level[1]
+        return 1
+
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: trim)
     monkeypatch.setenv(heap.TRIM_ENV, "1")
-
-    def resident() -> int:
-        return BASE if level[0] is None else BASE + level[0]
-
-    monkeypatch.setattr(heap, "resident_bytes", resident)
-    monkeypatch.setattr(exact, "resident_bytes", resident)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: BASE + level[0])
     return calls, level
+
+
+def test_the_guard_trims_where_the_largest_rise_seen_would_pass_the_limit(sim):
+    calls, level = sim
+    guard = HeapGuard(BASE + 1000, transient=100)
+    # the rise learnt is 300 (0 -> 300); 750 + 300 would pass 1000
+    for rss, trimmed in [(0, False), (300, False), (500, False), (700, False), (750, True)]:
+        level[0] = rss
+        assert guard.check(CPU) is trimmed, rss
+        level[1] = 200
+    assert guard.rise == 300 and len(calls) == 1 and guard.trims == 1
+    assert guard.last == BASE + 200, "after a trim, the next rise is counted from where it left the heap"
+    level[0] = 880  # a rise of 680 from there: learnt, and trimmed since 880 + 680 > 1000
+    assert guard.check(CPU) is True and guard.rise == 680
+    assert HeapGuard(BASE + 1000, transient=100).check(torch.device("meta")) is False
+
+
+def test_the_planned_temporaries_count_before_any_rise_is_seen(sim):
+    _, level = sim
+    level[0] = 950
+    assert HeapGuard(BASE + 1000, transient=100).check(CPU) is True
+    assert HeapGuard(BASE + 1000, transient=10).check(CPU) is False
 
 
 CASES = {
     "exact": {"mode": "exact"},
     "fast": {"mode": "fast"},
-    "exact-lean": {"mode": "exact", "leanest": True},  # recomputation: the trim after each tile
+    "exact-lean": {"mode": "exact", "leanest": True},  # recomputation: checked after each tile
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_freed_pages_go_back_only_above_the_planned_share(trims, case):
-    calls, level = trims
+def test_tiled_runs_trim_only_near_their_plan(sim, case):
+    calls, level = sim
     vae = tiny_autoencoder(4, seed=2)
     program = decoder_program(vae.decoder, vae.post_quant_conv)
     z = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(1))
@@ -53,23 +77,25 @@ def test_freed_pages_go_back_only_above_the_planned_share(trims, case):
         kw = dict(CASES[case], tile_size=8)
         low = TileSettings(**kw)
         out_low = run_tiled(program, z, low)
-        assert calls == [], "below the share of the plan nothing is trimmed"
+        assert calls == [], "well within the plan nothing is trimmed"
         high = TileSettings(**kw)
 
         def progress(done: int, total: int) -> None:
-            level[0] = int(HEAP_CAP_FRACTION * high.planned_bytes) + 1  # past the share from here on
+            # from the first tile on, the process sits just under its plan: every check trims
+            transient = step_transient(program, (40, 40), 8)
+            level[0] = level[1] = high.planned_bytes - transient + 1
 
         high.progress = progress
         out_high = run_tiled(program, z, high)
     assert high.used_mode == low.used_mode and (case != "exact-lean" or high.used_mode == "exact-lean")
-    assert len(calls) >= 3, "above it, freed pages go back between steps or tiles"
+    assert len(calls) >= 3, "near the plan, freed pages go back between steps or tiles"
     assert torch.equal(out_low, out_high)
     if case != "fast":
         assert (out_low - ref).abs().max().item() <= 1e-3
 
 
-def test_a_run_without_a_plan_trims_after_every_step(trims):
-    calls, _ = trims
+def test_a_run_without_a_plan_trims_after_every_step(sim):
+    calls, _ = sim
     vae = tiny_autoencoder(4, seed=2)
     program = decoder_program(vae.decoder, vae.post_quant_conv)
     with torch.no_grad():
