@@ -129,12 +129,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--tile-mode",
-        choices=("exact", "fast", "auto", "plain"),
+        choices=("exact", "exact-lean", "fast", "auto", "plain"),
         default="exact",
         help="exact (default): same output as untiled (spilling whole values to a temporary file, "
-        "or recomputing parts, where memory is short); "
-        "fast: statistics estimated; auto: exact where it fits, else fast; plain: independent "
-        "tiles (the peers' method, not exact)",
+        "or recomputing parts, where memory is short); exact-lean: exact, recomputing only (no "
+        "spill file, as --no-spill); fast: statistics estimated; auto: exact where it fits, "
+        "else fast; plain: independent tiles (the peers' method, not exact)",
     )
     t.add_argument(
         "--tile-size",

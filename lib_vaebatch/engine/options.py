@@ -12,8 +12,8 @@ from lib_vaebatch.devices import parse_dtype
 
 ChunkMode = Literal["auto", "per-sample"]
 TilingMode = Literal["auto", "always", "never"]
-TileMode = Literal["exact", "fast", "auto", "plain"]
-TILE_MODES: tuple[str, ...] = ("exact", "fast", "auto", "plain")
+TileMode = Literal["exact", "exact-lean", "fast", "auto", "plain"]
+TILE_MODES: tuple[str, ...] = ("exact", "exact-lean", "fast", "auto", "plain")
 CpuLayout = Literal["auto", "contiguous", "channels-last"]
 
 DEFAULT_LADDER: tuple[str, ...] = ("bf16", "fp32")

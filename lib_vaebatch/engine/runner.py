@@ -305,7 +305,7 @@ class BatchRunner:
         if self._tile_bytes is not None:
             budget = min(budget, self._tile_bytes)
         spill = None
-        if self.options.spill and not self._no_spill:
+        if self.options.spill and not self._no_spill and self.options.tile_mode != "exact-lean":
             device = self.backend.device
             host = free_memory(torch.device("cpu")) if device.type == "cuda" else None
             spill = default_store(device, host)

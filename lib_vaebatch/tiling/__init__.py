@@ -59,8 +59,9 @@ __all__ = [
     "run_tiled",
 ]
 
-TileMode = Literal["exact", "fast", "auto", "plain"]
-TILE_MODES: tuple[str, ...] = ("exact", "fast", "auto", "plain")
+TileMode = Literal["exact", "exact-lean", "fast", "auto", "plain"]
+#: ``exact-lean``: exact, never spilling (recomputation where whole values do not fit)
+TILE_MODES: tuple[str, ...] = ("exact", "exact-lean", "fast", "auto", "plain")
 #: Tile sizes the planner tries (latent pixels), largest first.
 TILE_CANDIDATES = (32, 24, 16, 12, 8)
 #: Bytes a tiled call takes beyond the tensors the planner models (oneDNN's scratch and reordered
@@ -222,11 +223,19 @@ def plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object 
     """What to run for ``x``: mode, tile size and schedule, within ``settings.budget`` where any
     variant of the mode fits it (else the variant with the lowest planned peak). Planned peaks
     include :data:`FIXED_OVERHEAD`."""
+    settings = _normalised(settings)
     inner = settings
     if settings.budget is not None:
         inner = dataclasses.replace(settings, budget=max(0, settings.budget - FIXED_OVERHEAD))
     p = _plan(program, x, inner, key)
     return dataclasses.replace(p, planned_bytes=p.planned_bytes + FIXED_OVERHEAD)
+
+
+def _normalised(settings: TileSettings) -> TileSettings:
+    """``exact-lean`` is exact mode without a spill store."""
+    if settings.mode != "exact-lean":
+        return settings
+    return dataclasses.replace(settings, mode="exact", spill=None)
 
 
 def _plan(program: Program, x: torch.Tensor, settings: TileSettings, key: object = None) -> TilePlan:
@@ -272,6 +281,7 @@ def run_tiled(
     """Run ``program`` on ``x`` in tiles. On CUDA the first run per (module, mode, dtype) also
     calibrates the memory model from the measured peak."""
     p = plan(program, x, settings, key)
+    spill = None if settings.mode == "exact-lean" else settings.spill
     settings.used_tile = max(MIN_TILE, min(p.tile, max(_base_hw(program, x))))
     settings.used_mode = p.mode
     settings.planned_bytes = p.planned_bytes
@@ -280,9 +290,8 @@ def run_tiled(
     settings.least_bytes = (
         p.planned_bytes
         if settings.leanest
-        else minimum_budget(program, x, family, max_tile=settings.max_tile, spill=settings.spill)  # type: ignore[arg-type]
+        else minimum_budget(program, x, family, max_tile=settings.max_tile, spill=spill)  # type: ignore[arg-type]
     )
-    spill = settings.spill
     # CPU: freed memory stays for the next tile while the resident set keeps within the plan
     heap = (
         HeapGuard.starting_now(p.planned_bytes, step_transient(program, _base_hw(program, x), p.tile,

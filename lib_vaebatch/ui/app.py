@@ -278,7 +278,7 @@ def build_ui(host: Host, wiring: Wiring) -> gr.Blocks:
                                 elem_id=f"{P}_tiling",
                             )
                             tile_mode = gr.Radio(
-                                ["exact", "fast", "auto", "plain"],
+                                ["exact", "exact-lean", "fast", "auto", "plain"],
                                 value="exact",
                                 label="Tile mode",
                                 info="exact: same output as untiled; fast: less memory; auto: exact "

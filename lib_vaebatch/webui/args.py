@@ -118,12 +118,14 @@ ARGS: tuple[Arg, ...] = (
         "every image in tiles; never: no tiles (an image that does not fit fails).",
         choices=("auto", "always", "never"), infotext="VAE Batch tiling", axis=True),
     Arg("tile_mode", "Tile mode", "choice", "exact",
-        "exact: tiled output equals untiled output (where memory is short, parts are recomputed: "
-        "slower, still exact); fast: less memory, colour statistics estimated (close, not "
-        "identical); auto: exact where it fits, else fast; plain: independent tiles, the method of "
-        "other tiled VAEs (seams, per-tile colours), for comparison. After out-of-memory errors "
+        "exact: tiled output equals untiled output (where memory is short, values wait in a "
+        "temporary file or parts are recomputed: slower, still exact); exact-lean: exact without "
+        "the temporary file (recomputation only, nothing written to disk); fast: less memory, "
+        "colour statistics estimated (close, not identical); auto: exact where it fits, else fast; "
+        "plain: independent tiles, the method of other tiled VAEs (seams, per-tile colours), for "
+        "comparison. After out-of-memory errors "
         "the engine steps down to leaner variants, plain tiles last, and the infotext says which ran.",
-        choices=("exact", "fast", "auto", "plain"), infotext="VAE Batch tile mode", axis=True),
+        choices=("exact", "exact-lean", "fast", "auto", "plain"), infotext="VAE Batch tile mode", axis=True),
     Arg("tile_size", "Tile size (latent px, 0 = auto)", "int", 0,
         "Tile side in latent pixels (image pixels / 8), at least 8. 0 plans it from free memory.",
         minimum=0, maximum=256, step=8, infotext="VAE Batch tile size", axis=True),

@@ -86,23 +86,29 @@ def test_ladder_order_smaller_tiles_then_leaner_exact_then_fast_then_plain_tiles
     assert modes.count("plain") == 2
 
 
-@pytest.mark.parametrize(("spill", "label"), [(False, "exact-lean"), (True, "exact-spill")])
-def test_a_planned_peak_limit_is_met_by_recomputation_or_spilling_and_stays_exact(vae, spill, label):
+@pytest.mark.parametrize(
+    ("spill", "tile_mode", "label"),
+    [(False, "exact", "exact-lean"), (True, "exact", "exact-spill"), (True, "exact-lean", "exact-lean")],
+)
+def test_a_planned_peak_limit_is_met_by_recomputation_or_spilling_and_stays_exact(
+    vae, spill, tile_mode, label
+):
     """Runs planned above a peak limit fail (as a device of that size would); the engine lowers
     its planned peak until a leaner exact schedule fits (values spilled to a file, or, with
-    spilling off, recomputed), and the output is still exact."""
+    spilling off or the tile mode ``exact-lean``, recomputed), and the output is still exact."""
     latents = marked_latents(2, size=32)
     reference = _ref(vae, latents)
     program = vae.tiling_program("decode")
     from lib_vaebatch.tiling import TileSettings, default_store, plan
 
     z = latents[:1]
-    store = default_store(torch.device("cpu")) if spill else None
+    store = default_store(torch.device("cpu")) if label == "exact-spill" else None
     whole = plan(program, z, TileSettings(tile_size=8)).planned_bytes
     least = plan(program, z, TileSettings(tile_size=8, leanest=True, budget=0, spill=store)).planned_bytes
     limit = (whole + least) // 2
     oom = OOMTiledWhere(vae, lambda s: s.planned_bytes > limit)
-    result = decode_latents(oom, latents, options=EngineOptions(max_chunk=1, tile_size=8, spill=spill))
+    options = EngineOptions(max_chunk=1, tile_size=8, spill=spill, tile_mode=tile_mode)  # type: ignore[arg-type]
+    result = decode_latents(oom, latents, options=options)
     assert result.ok
     assert [r.tile_mode for r in result.reports] == [label, label]
     assert f"{label} ×2" in result.summary()

@@ -135,3 +135,22 @@ def test_run_tiled_reports_what_ran(mode):
     assert settings.used_tile == 8 and settings.planned_bytes is not None and settings.least_bytes is not None
     if mode in ("exact", "auto"):
         assert settings.planned_bytes <= least and (out - ref).abs().max().item() <= TOL
+
+
+def test_exact_lean_mode_recomputes_and_never_spills(tmp_path):
+    # given a spill store, "exact" spills where memory is short; "exact-lean" recomputes instead
+    from lib_vaebatch.tiling import SpillStore
+
+    program, x, ref, _module = program_case("diffusers", "decode")
+    store = SpillStore("disk", 1 << 30, str(tmp_path))
+    least = minimum_budget(program, x, spill=store)
+    runs = {}
+    for mode in ("exact", "exact-lean"):
+        settings = TileSettings(mode=mode, budget=least, tile_size=8, spill=store)  # type: ignore[arg-type]
+        with torch.no_grad():
+            out = run_tiled(program, x, settings)
+        assert (out - ref).abs().max().item() <= TOL
+        runs[mode] = settings
+    assert runs["exact"].used_mode == "exact-spill" and runs["exact"].spilled_bytes > 0
+    assert runs["exact-lean"].used_mode == "exact-lean" and runs["exact-lean"].spilled_bytes == 0
+    assert runs["exact-lean"].least_bytes > runs["exact"].least_bytes, "without the store, more memory"
