@@ -142,19 +142,13 @@ def resident_bytes() -> int | None:
         return None
 
 
-def release_freed(device: torch.device, above: int | None = None) -> bool:
-    """Return the heap's free pages to the OS after a step of a CPU run; whether it did.
-    ``above``: only once the process's resident set exceeds that many bytes (freed pages below
-    that level stay for the next tile to reuse, which saves faulting them in again)."""
+def release_freed(device: torch.device) -> bool:
+    """Return the heap's free pages to the OS after a step of a CPU run; whether it did."""
     if device.type != "cpu" or not enabled():
         return False
     fn = _malloc_trim()
     if fn is None:
         return False
-    if above is not None:
-        now = resident_bytes()
-        if now is not None and now <= above:
-            return False
     fn(0)
     return True
 

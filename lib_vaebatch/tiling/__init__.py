@@ -281,7 +281,7 @@ def run_tiled(
     """Run ``program`` on ``x`` in tiles. On CUDA the first run per (module, mode, dtype) also
     calibrates the memory model from the measured peak."""
     p = plan(program, x, settings, key)
-    spill = None if settings.mode == "exact-lean" else settings.spill
+    spill = _normalised(settings).spill
     settings.used_tile = max(MIN_TILE, min(p.tile, max(_base_hw(program, x))))
     settings.used_mode = p.mode
     settings.planned_bytes = p.planned_bytes
@@ -296,7 +296,7 @@ def run_tiled(
     heap = (
         HeapGuard.starting_now(p.planned_bytes, step_transient(program, _base_hw(program, x), p.tile,
                                                                batch=x.shape[0], dtype=x.dtype))
-        if x.device.type == "cpu" and p.mode in ("exact", "exact-spill", "exact-lean", "fast")
+        if x.device.type == "cpu" and p.mode != "plain"
         else None
     )  # fmt: skip
 

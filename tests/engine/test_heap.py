@@ -22,7 +22,7 @@ CHILD = r"""
 import contextlib
 import json
 import torch
-from lib_vaebatch.heap import release_freed
+from lib_vaebatch.heap import HeapGuard
 
 def rss():
     with open("/proc/self/status") as f:
@@ -35,9 +35,10 @@ for i in range(200):
     (kept if i % 2 else freed).append(torch.ones((1 << 18) + 1000 * i))
 del freed
 before = rss()
-held = release_freed(torch.device("cpu"), above=before + (1 << 30))  # the process is below that
+cpu = torch.device("cpu")
+held = HeapGuard(before + (1 << 30)).check(cpu)  # a plan far above: freed pages kept for reuse
 after_held = rss()
-did = release_freed(torch.device("cpu"), above=before - (32 << 20))  # and above this
+did = HeapGuard(before - (32 << 20)).check(cpu)  # past it: handed back
 after = rss()
 print(json.dumps({"did": did, "released_mib": (after_held - after) / 2**20, "kept": len(kept),
                   "held": held, "released_held_mib": (before - after_held) / 2**20}))
