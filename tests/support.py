@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,56 @@ def trained_autoencoder(steps: int = 100, seed: int = 5) -> torch.nn.Module:
         loss.backward()
         opt.step()
     return vae.eval().requires_grad_(False)
+
+
+def record_tile_settings(monkeypatch: pytest.MonkeyPatch) -> list[TileSettings]:
+    """Every :class:`TileSettings` the engine builds for a tiled call (a spy on the runner's), to
+    see which mode and spill store a surface's options reached the tiler with."""
+    from lib_vaebatch.engine import runner
+
+    seen: list[TileSettings] = []
+    real = runner.TileSettings
+
+    def spy(*args: object, **kwargs: object) -> TileSettings:
+        made = real(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(made)
+        return made
+
+    monkeypatch.setattr(runner, "TileSettings", spy)
+    return seen
+
+
+@dataclass
+class TensorPeak:
+    """What :func:`tensor_peak` measured: the highest rise of live CPU tensor bytes in the block
+    (``peak``) and where it ended (``end``), both relative to its start."""
+
+    peak: int = 0
+    end: int = 0
+
+
+@contextlib.contextmanager
+def tensor_peak() -> Iterator[TensorPeak]:
+    """Measure the CPU tensor memory a block really allocates: every allocation and free torch's
+    CPU allocator reports to the profiler (``profile_memory``), summed in time order. Only what the
+    allocator holds counts, so a value written to a spill file costs nothing here and one kept in
+    memory costs its bytes; allocations on intra-op worker threads are not seen (torch allocates
+    op outputs on the calling thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found = TensorPeak()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield found
+    cpu = torch.autograd.DeviceType.CPU
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu
+    ]
+    when = (lambda e: e.start_ns()) if events and hasattr(events[0], "start_ns") else (lambda e: e.start_us())
+    now = 0
+    for e in sorted(events, key=when):  # torch 2.1 has start_us only
+        now += e.nbytes()
+        found.peak = max(found.peak, now)
+    found.end = now
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
