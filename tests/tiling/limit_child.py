@@ -1,8 +1,11 @@
 """A decode or encode job in a process whose address space is really limited (RLIMIT_AS), for
 test_memory_limit.py. Builds the seeded VAE, warms up (threads, kernels, the allocator), measures
-the memory one untiled run of a sample takes here (peak RSS rise), then caps the address space at
-its current size plus ``FRACTION`` of that and runs the engine on the batch, so every allocation
-beyond it fails for real. Writes the outputs (safetensors) and a JSON report.
+the tensor memory one untiled run of a sample allocates here, then caps the address space at its
+current size plus ``FRACTION`` of that and runs the engine on the batch, so every allocation beyond
+it fails for real. Before the job it shows what the cap rules out: the leanest spilling schedule
+run with its spilled values kept in memory (a host store: what the job would hold if spilling
+did not take values out of the process) must fail under the cap. Writes the outputs
+(safetensors) and a JSON report.
 
 python -m tests.tiling.limit_child OP FRACTION BUDGET OUT_DIR [SPILL]
     OP: decode | encode;  BUDGET: "free" (the engine asks the OS) or bytes to plan with (a budget
@@ -24,6 +27,8 @@ from safetensors.torch import save_file
 from lib_vaebatch.engine.decode import decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.options import EngineOptions
+from lib_vaebatch.tiling import SpillStore, TileSettings, run_tiled
+from tests.support import tensor_peak
 from tests.tiling.limits import SIZE, N, inputs, limit_backend
 
 
@@ -48,25 +53,27 @@ def main() -> int:
     small = x[:1, :, : x.shape[2] // 4, : x.shape[3] // 4]
     run(backend, small, options=EngineOptions())
     run(backend, small, options=EngineOptions(tiling="always", tile_size=8))
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark
-    rss = _vm("VmRSS:")
-    with torch.no_grad():
+    with torch.no_grad(), tensor_peak() as untiled:
         one = backend.decode(x[:1]) if op == "decode" else backend.encode(x[:1])
-    need = _vm("VmHWM:") - rss
+    need = untiled.peak
     del one
+    program = backend.tiling_program(op)
+    first = x[:1] / backend.scaling_factor if op == "decode" else x[:1]
+    in_memory = TileSettings(leanest=True, budget=0, spill=SpillStore("host", 1 << 40))
     gc.collect()
     base = _vm("VmSize:")
     headroom = int(float(fraction) * need) // 2**20
     cap = base + headroom * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
-    # the limit is real: one allocation of the untiled working set fails here
+    # the limit is real and below what spilling saves: the same leanest schedule with its spilled
+    # values held in memory does not fit under it
     try:
-        torch.empty(headroom * 2**20 // 4 * 2, dtype=torch.float32)
+        with torch.no_grad():
+            run_tiled(program, first, in_memory)
         really_limited = False
     except (RuntimeError, MemoryError):
         really_limited = True
+    gc.collect()
     result = run(backend, x, options=options)
     resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     tensors = {f"s{i}": t.contiguous() for i, t in enumerate(result.outputs) if t is not None}
@@ -74,9 +81,10 @@ def main() -> int:
         save_file(tensors, str(out / "outputs.safetensors"))
     report = {
         "really_limited": really_limited,
+        "in_memory_mode": in_memory.used_mode,
         "size": SIZE,
         "headroom_mib": headroom,
-        "untiled_need_mib": need / 2**20,
+        "untiled_tensors_mib": need / 2**20,
         "reports": [r.to_dict() for r in result.reports],
         "events": result.events,
         "summary": result.summary(),

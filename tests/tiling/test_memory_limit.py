@@ -40,8 +40,13 @@ MALLOC_ENV = {
 }
 
 
-#: The cap: this share of what one untiled sample takes (measured in the child, after warm-up).
-FRACTION = 0.8
+#: The cap: this share of the tensor memory one untiled sample allocates (measured in the child,
+#: after warm-up). It sits between what the lean schedules need and what the same schedules need
+#: with their spilled values in memory. Measured on an AMD EPYC by raising the cap in 8 MiB steps,
+#: one sample (MiB of address space; untiled tensors 88 decode, 53 encode, so the cap is 26 / 16):
+#: decode exact-spill <= 8, recomputation 8-16, the spill schedule with values in memory 64-70,
+#: untiled 80-96; encode exact-spill and recomputation <= 8, values in memory 40-48, untiled 48-64.
+FRACTION = 0.3
 
 
 def _child(op: str, budget: str, out: Path, spill: str = "spill") -> dict:
@@ -67,7 +72,8 @@ def references():
 
 
 def _check(report: dict, out: Path, reference: list[torch.Tensor]) -> list[str]:
-    assert report["really_limited"], "the cap must make a large allocation fail"
+    assert report["in_memory_mode"] == "exact-spill"
+    assert report["really_limited"], "the cap must be below the spilled values held in memory"
     statuses = [r["status"] for r in report["reports"]]
     assert statuses == ["ok"] * N, (statuses, [r["message"] for r in report["reports"]], report["events"])
     outputs = load_file(str(out / "outputs.safetensors"))
@@ -101,11 +107,14 @@ def test_decode_under_a_real_limit_the_planner_sees(tmp_path, references):
 
 def test_decode_under_a_real_limit_the_planner_is_not_told(tmp_path, references):
     """A budget far above the cap: the untiled decode really fails, and the engine steps down its
-    ladder on real allocation failures until every sample is decoded."""
+    ladder on real allocation failures until every sample is decoded; the exact rungs come first,
+    and the leanest of them (spilling) fits under the cap, so no sample needs an inexact mode."""
     report = _child("decode", str(8 << 30), tmp_path)
-    assert any("out of memory at chunk 1" in e for e in report["events"]), report["events"]
+    events = report["events"]
+    assert any("out of memory at chunk 1" in e for e in events), events
+    assert any("retrying exact within" in e for e in events), events
     modes = _check(report, tmp_path, references["decode"])
-    assert set(modes) <= {"exact", "exact-spill", "exact-lean", "fast", "plain"}, modes
+    assert modes == ["exact-spill"] * N, (modes, events)
 
 
 def test_encode_under_a_real_limit_without_spilling(tmp_path, references):
