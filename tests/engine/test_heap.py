@@ -135,7 +135,8 @@ def test_freed_memory_is_reused_within_the_scope_and_returned_after_it():
 
 
 #: The same on a worker thread (a webui's generation runs on one): its glibc arena is made of
-#: 64 MiB heaps, so there the reuse covers blocks under 64 MiB (16 MiB here).
+#: 64 MiB heaps, so there the reuse covers blocks under 64 MiB (16 MiB here) unless threads share
+#: the main arena (MALLOC_ARENA_MAX); 64 MiB blocks are reported too.
 THREAD_CHILD = r"""
 import json, resource, threading
 import torch
@@ -144,21 +145,24 @@ from lib_vaebatch.heap import reuse_freed
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # the main thread waits in join
 
-def churn():
+def churn(n=4 << 20):
     before = faults()
     for _ in range(6):
-        t = torch.empty(4 << 20)
+        t = torch.empty(n)
         t.fill_(1.0)
         del t
     return faults() - before
 
 result = {}
 def work():
-    churn()
-    result["before"] = churn()
-    with reuse_freed(torch.device("cpu")):
+    churn(), churn(16 << 20)
+    result["before"], result["before_big"] = churn(), churn(16 << 20)
+    with reuse_freed(torch.device("cpu")) as on:
         churn(), churn(), churn()
         result["inside"] = churn()
+        churn(16 << 20), churn(16 << 20), churn(16 << 20)
+        result["inside_big"] = churn(16 << 20)
+    result["on"] = on
 
 t = threading.Thread(target=work)
 t.start()
@@ -166,21 +170,90 @@ t.join()
 print(json.dumps(result))
 """
 
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's"
+)
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+
+@linux_only
 def test_on_a_worker_thread_blocks_under_64_mib_are_reused():
     r = _run_child(THREAD_CHILD, LD_PRELOAD="", GLIBC_TUNABLES="")
     pages = PAGES // 4  # 16 MiB blocks
+    assert r["on"] is True
     assert r["before"] > 2 * pages, r  # outside the scope some are mapped afresh (4-6 of 6 seen)
     assert r["inside"] < 2 * pages, r
+    assert r["inside_big"] > 5 * PAGES, r  # the thread's 64 MiB heaps: mmapped whatever the setting
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
-@pytest.mark.parametrize("env", [{"VAEBATCH_HEAP_REUSE": "0"}, {"MALLOC_ARENA_MAX_": "2"}])
-def test_reuse_stays_off_when_turned_off_or_the_allocator_is_configured_by_the_user(env):
-    r = _run_child(REUSE_CHILD, **env)
+@linux_only
+@pytest.mark.parametrize(
+    ("env", "shared"),
+    [
+        ({"MALLOC_ARENA_MAX": "2"}, False),
+        ({"MALLOC_ARENA_MAX": "1"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, True),
+    ],
+)
+def test_settings_the_reuse_does_not_touch_leave_it_on_and_one_arena_widens_it(env, shared):
+    """glibc's arena count is not a setting the scope changes or restores, so the reuse stays on
+    under it; with one arena for every thread it covers a worker thread's 64 MiB blocks too. (With
+    two, this thread gets the second arena, 64 MiB heaps; which thread gets which is glibc's.)"""
+    r = _run_child(THREAD_CHILD, **{"LD_PRELOAD": "", "GLIBC_TUNABLES": "", **env})
+    assert r["on"] is True, r
+    assert r["inside"] < 2 * (PAGES // 4), r
+    assert r["before_big"] > 5 * PAGES, r
+    if shared:
+        assert r["inside_big"] < 2 * PAGES, r
+
+
+#: A user's own mmap threshold of 1 MiB: every 4 MiB block is mmapped afresh. After the reuse
+#: scope (which must stay off), it still is: the scope did not reset the allocator to its values.
+KEPT_CHILD = r"""
+import json, resource
+import torch
+from lib_vaebatch.heap import reuse_freed
+
+def churn(n):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(6):
+        t = torch.empty(n)
+        t.fill_(1.0)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+churn(1 << 20)
+with reuse_freed(torch.device("cpu")) as on:
+    churn(16 << 20)
+    inside = churn(16 << 20)
+print(json.dumps({"on": on, "inside": inside, "after": churn(1 << 20)}))
+"""
+
+
+@linux_only
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"VAEBATCH_HEAP_REUSE": "0"},
+        {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"},
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1048576"},
+    ],
+)
+def test_reuse_stays_off_when_turned_off_or_its_settings_are_the_users(env):
+    r = _run_child(REUSE_CHILD, **{"LD_PRELOAD": "", "GLIBC_TUNABLES": "", **env})
     assert r["on"] is False
     assert r["inside"] > 5 * PAGES, r
+
+
+@linux_only
+@pytest.mark.parametrize(
+    "env", [{"MALLOC_MMAP_THRESHOLD_": "1048576"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}]
+)
+def test_a_users_allocator_settings_survive_the_reuse_scope(env):
+    r = _run_child(KEPT_CHILD, **{"LD_PRELOAD": "", "GLIBC_TUNABLES": "", **env})
+    assert r["on"] is False
+    assert r["inside"] > 5 * PAGES, r
+    assert r["after"] > 5 * (PAGES // 16), r  # six 4 MiB blocks, each mmapped: the user's 1 MiB holds
 
 
 def test_foreign_allocators_are_left_alone(monkeypatch):
@@ -193,8 +266,73 @@ def test_foreign_allocators_are_left_alone(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert heap.foreign_allocator() == "tcmalloc is preloaded"
     monkeypatch.setenv("LD_PRELOAD", "")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    assert "glibc.malloc" in heap.foreign_allocator()
+    for untouched in ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"):
+        monkeypatch.setenv("GLIBC_TUNABLES", untouched)
+        assert heap.foreign_allocator() is None, untouched
+    for name in ("mmap_threshold", "mmap_max", "trim_threshold"):
+        monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:glibc.malloc.{name}=65536")
+        assert heap.foreign_allocator() == f"GLIBC_TUNABLES sets glibc.malloc.{name}"
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    for variable in ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_TOP_PAD_", "MALLOC_PERTURB_"):
+        monkeypatch.setenv(variable, "2")
+        assert heap.foreign_allocator() is None, variable
+    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.setenv(variable, "65536")
+        assert heap.foreign_allocator() == f"{variable} is set"
+        monkeypatch.delenv(variable)
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [("0", False), ("false", False), ("No", False), (" OFF ", False), ("FALSE", False), ("1", True),
+     ("yes", True), ("", True)],
+)  # fmt: skip
+def test_the_switches_take_the_usual_words_for_off(monkeypatch, value, on):
+    from lib_vaebatch import heap
+
+    for name in list(os.environ):
+        if name.startswith("MALLOC_") or name in ("LD_PRELOAD", "GLIBC_TUNABLES"):
+            monkeypatch.delenv(name)
+    glibc = heap._mallopt() is not None
+    for name, reads in ((heap.TRIM_ENV, heap.enabled), (heap.REUSE_ENV, heap.reuse_available)):
+        monkeypatch.delenv(name, raising=False)
+        assert reads() is (glibc or name == heap.TRIM_ENV), "on unless turned off"
+        monkeypatch.setenv(name, value)
+        assert reads() is (on and (glibc or name == heap.TRIM_ENV)), (name, value)
+
+
+@pytest.mark.parametrize(
+    ("preload", "name"),
+    [("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "tcmalloc"), ("libjemalloc.so.2", "jemalloc"),
+     ("/opt/lib/libmimalloc.so", "mimalloc"), ("libhoard.so", "hoard")],
+)  # fmt: skip
+def test_each_known_malloc_preloaded_leaves_the_allocator_alone(monkeypatch, preload, name):
+    from lib_vaebatch import heap
+
+    for var in list(os.environ):
+        if var.startswith("MALLOC_") or var == "GLIBC_TUNABLES":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("LD_PRELOAD", f"/lib/other.so:{preload}")
+    assert heap.foreign_allocator() == f"{name} is preloaded"
+    assert heap.reuse_available() is False
+
+
+def test_without_malloc_trim_or_a_readable_resident_set_nothing_is_claimed(monkeypatch):
+    from lib_vaebatch import heap
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(heap.TRIM_ENV, "1")
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)  # not glibc
+    assert heap.release_freed(cpu) is False
+    pads: list[int] = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: lambda pad: pads.append(pad) or 1)
+    assert heap.release_freed(cpu) is True and pads == [0], "all the free pages, no padding kept"
+    assert heap.release_freed(torch.device("meta")) is False and pads == [0]
+    monkeypatch.setattr(heap, "resident_bytes", lambda: None)
+    assert heap.HeapGuard.starting_now(1 << 30, 1 << 20) is None
+    monkeypatch.setattr(heap, "resident_bytes", lambda: 5000)
+    guard = heap.HeapGuard.starting_now(1000, 300)
+    assert guard is not None and guard.limit == 6000 and guard.rise == 300
 
 
 def test_engine_reuses_the_heap_for_untiled_cpu_chunks_that_leave_room(monkeypatch, cpu_chunks_by_memory):
