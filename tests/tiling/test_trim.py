@@ -5,6 +5,8 @@ measured in tests/engine/test_heap.py and the peaks against the plan in bench/be
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -48,7 +50,8 @@ def test_the_guard_trims_where_the_largest_rise_seen_would_pass_the_limit(sim):
     assert guard.rise == 300 and len(calls) == 1 and guard.trims == 1
     assert guard.last == BASE + 200, "after a trim, the next rise is counted from where it left the heap"
     level[0] = 880  # a rise of 680 from there: learnt, and trimmed since 880 + 680 > 1000
-    assert guard.check(CPU) is True and guard.rise == 680
+    assert guard.check(CPU) is True and guard.rise == 680 and guard.trims == 2
+    assert set(calls) == {0}, "malloc_trim(0): every free page"
     assert HeapGuard(BASE + 1000, transient=100).check(torch.device("meta")) is False
 
 
@@ -79,16 +82,20 @@ def test_tiled_runs_trim_only_near_their_plan(sim, case):
         out_low = run_tiled(program, z, low)
         assert calls == [], "well within the plan nothing is trimmed"
         high = TileSettings(**kw)
+        trims_at: list[int] = []  # trims so far, at each tile's progress report
 
         def progress(done: int, total: int) -> None:
             # from the first tile on, the process sits just under its plan: every check trims
             transient = step_transient(program, (40, 40), 8)
             level[0] = level[1] = high.planned_bytes - transient + 1
+            trims_at.append(len(calls))
 
         high.progress = progress
         out_high = run_tiled(program, z, high)
     assert high.used_mode == low.used_mode and (case != "exact-lean" or high.used_mode == "exact-lean")
-    assert len(calls) >= 3, "near the plan, freed pages go back between steps or tiles"
+    # checked after every tile, not only between steps: each tile's report follows a trim
+    assert len(trims_at) > 2 * len(program.steps), "several tiles per step"
+    assert all(b > a for a, b in itertools.pairwise(trims_at)), trims_at
     assert torch.equal(out_low, out_high)
     if case != "fast":
         assert (out_low - ref).abs().max().item() <= 1e-3
