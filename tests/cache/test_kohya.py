@@ -52,6 +52,63 @@ def test_one_npz_per_image_named_keyed_and_shaped_as_sd_scripts_reads_it(kohya_r
     assert not list(out.rglob("*.safetensors")) and not list(out.rglob("*.npz"))
 
 
+def _sd_scripts_npz_for(image: Path, size: tuple[int, int], sdxl: bool = False) -> Path:
+    """Where sd-scripts looks (library/strategy_sd.py, SdSdxlLatentsCachingStrategy
+    .get_latents_npz_path): ``<stem>.npz`` if that file exists, else ``<stem>_WWWWxHHHH_sd.npz``
+    (``_sdxl.npz``), the size being the image file's own."""
+    old = image.with_suffix(".npz")
+    if old.exists():
+        return old
+    return image.with_name(f"{image.stem}_{size[0]:04d}x{size[1]:04d}{'_sdxl' if sdxl else '_sd'}.npz")
+
+
+def _sd_scripts_reads(npz: Path, flip: bool, mask: bool) -> dict:
+    """What sd-scripts' SD/SDXL cache check and loader take from an npz (strategy_base.py,
+    LatentsCachingStrategy._default_is_disk_cached_latents_expected and
+    _default_load_latents_from_disk, no resolution suffix for SD/SDXL): ``np.load`` with its
+    default (no pickle), "cached" only if ``latents`` (and ``latents_flipped`` with flip,
+    ``alpha_mask`` with a mask) are present; ``original_size`` and ``crop_ltrb`` through
+    ``tolist()``; the flipped latents and mask where present."""
+    with np.load(npz) as f:  # numpy's default allow_pickle=False, as sd-scripts calls it
+        cached = "latents" in f and (not flip or "latents_flipped" in f) and (not mask or "alpha_mask" in f)
+        return {
+            "cached": cached,
+            "latents": f["latents"],
+            "original_size": f["original_size"].tolist(),
+            "crop_ltrb": f["crop_ltrb"].tolist(),
+            "flipped": f.get("latents_flipped"),
+            "mask": f.get("alpha_mask"),
+        }
+
+
+def test_sd_scripts_loader_as_written_down_finds_judges_and_loads_our_npz(kohya_run):
+    """The CI-side twin of tests/cache/test_sdscripts_live.py: sd-scripts' lookup, validity check
+    and loader, restated from its source (above), over every npz we wrote."""
+    src, images, out = kohya_run
+    records = {r["source"]: r for r in index_lines(out)}
+    for image in images:
+        rec = records[image.relative_to(src).as_posix()]
+        with Image.open(image) as img:
+            size = img.size
+        npz = _sd_scripts_npz_for(image, size)
+        assert str(npz) == rec["npz"], "sd-scripts looks where we wrote"
+        got = _sd_scripts_reads(npz, flip=True, mask=True)
+        bw, bh = rec["bucket"]
+        assert got["cached"], f"{npz}: sd-scripts would encode it again"
+        assert got["latents"].shape == (4, bh // 8, bw // 8) and got["latents"].dtype == np.float32
+        assert got["original_size"] == list(size) and all(type(v) is int for v in got["original_size"])
+        assert got["crop_ltrb"] == rec["crop_ltrb"]
+        assert got["flipped"].shape == got["latents"].shape and got["mask"].shape == (bh, bw)
+    # an old-style file next to an image wins the lookup: why the cache refuses to run past one
+    old = images[0].with_suffix(".npz")
+    np.savez(old, latents=np.zeros((4, 1, 1), np.float32))
+    try:
+        with Image.open(images[0]) as img:
+            assert _sd_scripts_npz_for(images[0], img.size) == old
+    finally:
+        old.unlink()
+
+
 def test_kohya_latents_are_the_vaes_raw_latents(kohya_run, vae_file, tmp_path):
     """sd-scripts multiplies by the scaling factor itself: the npz holds raw latents, ours scaled."""
     src, images, _out = kohya_run
@@ -77,26 +134,42 @@ def test_kohya_latents_are_the_vaes_raw_latents(kohya_run, vae_file, tmp_path):
 
 
 def test_a_rerun_skips_and_foreign_npz_are_refused(kohya_run, vae_file, caplog):
-    src, images, out = kohya_run
+    src, _images, out = kohya_run
     args = cache_args(src, out, vae_file, "--format", "kohya", "--flip", "--alpha", "mask")
     stamps = {p: p.stat().st_mtime_ns for p in src.rglob("*.npz")}
     caplog.clear()
     assert run_cache_cli(*args) == 0
     assert "0 processed" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*.npz")} == stamps
-    # an npz that sd-scripts would read instead of ours, and one in the place of ours
+    # someone else's npz in the place of ours, alone (the old-style name: the next test)
     victim = next(iter(stamps))
     victim.unlink()
-    np.savez(victim, latents=np.zeros((4, 1, 1), np.float32))  # someone else's file, same name
-    old = images[1].with_suffix(".npz")
-    np.savez(old, latents=np.zeros((4, 1, 1), np.float32))
-    try:
-        assert run_cache_cli(*args) == cli.EXIT_INPUT
-    finally:
-        old.unlink()
+    np.savez(victim, latents=np.zeros((4, 1, 1), np.float32))
+    assert run_cache_cli(*args) == cli.EXIT_INPUT
     assert kohya.marker(victim) is None  # not overwritten
     victim.unlink()
     assert run_cache_cli(*args) == 0 and kohya.marker(victim) is not None
+
+
+def test_an_old_style_npz_alone_is_refused_before_anything_is_written(tmp_path, vae_file, capsys):
+    """sd-scripts reads ``<stem>.npz`` instead of ``<stem>_WxH_sd.npz`` where it exists: with
+    only that in the way (no same-name npz), a new cache refuses to start and names it."""
+    src = tmp_path / "src"
+    images = make_dataset(src, 4, seed=6, bad=False)
+    old = kohya.old_npz_path(images[2])
+    np.savez(old, latents=np.zeros((4, 1, 1), np.float32))
+    before = sorted(src.rglob("*"))
+    args = cache_args(src, tmp_path / "out", vae_file, "--format", "kohya")
+    capsys.readouterr()
+    assert run_cache_cli(*args) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert f"{old} (sd-scripts would read it instead)" in err
+    assert "1 npz file(s)" in err, "the old-style npz is the only thing in the way"
+    assert sorted(src.rglob("*")) == before, "nothing written next to the images"
+    assert kohya.read(old)["latents"].shape == (4, 1, 1), "and the old file left as it was"
+    old.unlink()
+    assert run_cache_cli(*args) == 0
+    assert len(list(src.rglob("*_sd.npz"))) == len(images)
 
 
 def test_npz_names_follow_the_family():
