@@ -6,6 +6,7 @@ Neo's own encode samples), VAE files are built with the variant's own VAE class.
 from __future__ import annotations
 
 import base64
+import threading
 
 import numpy as np
 import pytest
@@ -104,22 +105,37 @@ def _hosts(tab_module):
 
 
 def test_routes_decode_on_forge_under_the_lock_on_the_main_thread(forge_fresh, tmp_path, monkeypatch):
+    from modules import call_queue
     from modules_forge import main_thread
 
     monkeypatch.chdir(tmp_path)
     app = FastAPI()
     forge_fresh.callbacks.app_started_callback(None, app)
     client = TestClient(app)
+    # what the lock and the thread were at each run of the VAE's decoder (whichever model the
+    # route loads first): a global hook, removed after the request
+    at_decode: list[tuple[bool, str]] = []
+
+    def seen(module, _args):  # type: ignore[no-untyped-def]
+        if type(module).__name__ == "Decoder":
+            at_decode.append((call_queue.queue_lock.locked(), threading.current_thread().name))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(seen)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     payload = {
         "tensor": base64.b64encode(z.numpy().tobytes()).decode(),
         "shape": [2, 4, 8, 8],
         "dtype": "float32",
     }
-    r = client.post("/vaebatch/v1/decode", json=payload)
+    try:
+        r = client.post("/vaebatch/v1/decode", json=payload)
+    finally:
+        hook.remove()
     assert r.status_code == 200, r.text
     body = r.json()
     assert [x["status"] for x in body["results"]] == ["ok", "ok"]
     assert f"VAE Batch VAE: {forge_fresh.variant.label} VAE" in body["infotexts"][0]
     assert set(main_thread.ran_on) == {"forge-main-thread"}
     assert hasattr(forge_fresh.shared.sd_model, "forge_objects")
+    assert at_decode and set(at_decode) == {(True, "forge-main-thread")}, at_decode
+    assert not call_queue.queue_lock.locked(), "released after the request"

@@ -8,6 +8,8 @@ import torch
 
 #: True while a 3-pass decode runs (lets a test make only Forge's tiles fit).
 ACTIVE = False
+#: Every 3-pass decode's output, in order (test instrumentation: what Forge's tiles produced).
+OUTPUTS: list[torch.Tensor] = []
 
 
 def _tiled_pass(samples, fn, tile_h, tile_w, overlap, scale):
@@ -46,4 +48,6 @@ def three_pass(samples, fn, ratio, tile_x=64, tile_y=64, overlap=16):
         )
     finally:
         ACTIVE = False
-    return torch.clamp(total / 3.0 / 2.0, 0.0, 1.0)
+    out = torch.clamp(total / 3.0 / 2.0, 0.0, 1.0)
+    OUTPUTS.append(out.clone())
+    return out

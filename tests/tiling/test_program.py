@@ -17,8 +17,14 @@ def test_diffusers_and_ldm_layouts_give_the_same_program():
     a = decoder_program(vae.decoder, vae.post_quant_conv)
     b = decoder_program(rep.decoder, rep.post_quant_conv)
     assert [s.kind for s in a.steps] == [s.kind for s in b.steps]
-    assert [str(x) for x in a.scales] == [str(x) for x in b.scales] == [str(x) for x in b.scales]
-    assert a.scales[-1] == 8 and a.out_channels == 3
+    assert list(a.scales) == list(b.scales) and list(a.channels) == list(b.channels)
+    # the latent, then each upsampler doubles the scale: 1 (post-quant, conv_in, mid, first up
+    # block), 2, 4, 8 (after the third upsampler, through to the output conv)
+    ups = [i + 1 for i, s in enumerate(a.steps) if s.kind == "up"]
+    assert len(ups) == 3
+    want = [1 if v < ups[0] else 2 if v < ups[1] else 4 if v < ups[2] else 8 for v in range(len(a.steps) + 1)]
+    assert list(a.scales) == want
+    assert a.out_channels == 3 and a.channels[-1] == 3 and a.channels[0] == 4
     # one post-quant conv, conv_in, mid (2 resnets of 2 convs + attention), 4 up blocks of 3 resnets,
     # 3 upsamplers, the output conv
     assert len(a.steps) == 1 + 1 + 5 + 4 * 3 * 2 + 3 + 1
