@@ -296,3 +296,17 @@ def test_no_spill_reaches_the_engine_options():
     default = _engine_options(parser.parse_args(["decode", "x.safetensors", "-o", "out"]))
     off = _engine_options(parser.parse_args(["decode", "x.safetensors", "-o", "out", "--no-spill"]))
     assert default.spill is True and off.spill is False
+
+
+def test_exact_lean_reaches_the_tiler_without_a_spill_store(tmp_path, vae_file, monkeypatch):
+    """``--tile-mode exact-lean``: every tiled call runs exact mode with no spill store."""
+    from lib_vaebatch import cli
+    from tests.support import record_tile_settings
+
+    lat = write_latents(tmp_path / "lat.safetensors", LatentBatch(marked_latents(2, size=16)))
+    seen = record_tile_settings(monkeypatch)
+    args = ["decode", str(lat), "-o", str(tmp_path / "out"), "--vae", str(vae_file), "--tiling", "always",
+            "--tile-mode", "exact-lean", "--tile-size", "8", "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert len(seen) == 2 and all(s.mode == "exact-lean" and s.spill is None for s in seen), seen
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2

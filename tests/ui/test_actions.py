@@ -83,3 +83,25 @@ def test_flux_latents_decode_with_the_builtin_vae_and_impossible_tiling_is_refus
     assert dec.ok and "VAE Batch family: flux" in dec.infotexts[0]
     with pytest.raises(UserError, match="tiling 'always' is not possible"):
         actions.decode(host, DecodeRequest(uploads=[str(path)], options={"tiling": "always"}), Reporter())
+
+
+def test_the_apps_tile_mode_choice_reaches_the_tiler(tmp_path, monkeypatch):
+    """The app's decode options (its radio values) as the action gets them: exact-lean runs exact
+    tiles with no spill store."""
+    from lib_vaebatch.ui.app import decode_options
+    from tests.support import record_tile_settings, save_module, tiny_autoencoder
+
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    save_module(tiny_autoencoder(4, seed=11), vae_dir / "tiny.safetensors")
+    host = StandaloneHost(vae_dir=vae_dir, output_dir=tmp_path / "out")
+    options = decode_options(0, True, "fp32", "always", "exact-lean", 8)
+    assert options["tile_mode"] == "exact-lean"
+    seen = record_tile_settings(monkeypatch)
+    dec = actions.decode(
+        host,
+        DecodeRequest(uploads=[str(_latents(tmp_path / "in", 2))], vae="tiny.safetensors", options=options),
+        Reporter(),
+    )
+    assert dec.ok, dec.log_html
+    assert len(seen) == 2 and all(t.mode == "exact-lean" and t.spill is None for t in seen), seen

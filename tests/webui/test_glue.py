@@ -11,7 +11,7 @@ import torch
 
 from lib_vaebatch.devices import dtype_name
 from lib_vaebatch.latents import read_latents
-from tests.support import needs_fp16_cpu
+from tests.support import needs_fp16_cpu, record_tile_settings
 
 ON = {"VAE Batch": {"args": [True]}}
 
@@ -158,16 +158,20 @@ def test_interrupt_during_the_decode_keeps_the_finished_images(webui):
     assert any(t.startswith("VAE Batch: decoding 1/3") for t in webui.shared.state.textinfo_log)
 
 
-def test_infotext_options_and_paste_restore_the_values(webui):
+@pytest.mark.parametrize("tile_mode", ["fast", "exact-lean"])
+def test_infotext_options_and_paste_restore_the_values(webui, monkeypatch, tile_mode):
     from lib_vaebatch.webui import args as A
 
-    values = [True, 2, True, "fp32", False, "cpu", "always", "fast", 16, False, "webui"]
+    values = [True, 2, True, "fp32", False, "cpu", "always", tile_mode, 16, False, "webui"]
+    seen = record_tile_settings(monkeypatch)
     _, res = webui.run(alwayson={"VAE Batch": {"args": values}}, batch_size=2)
     text = res.infotexts[0]
     for key in ("VAE Batch: ", "VAE Batch ladder: fp32", "VAE Batch tiling: always",
-                "VAE Batch tile mode: fast", "VAE Batch tile size: 16"):  # fmt: skip
+                f"VAE Batch tile mode: {tile_mode}", "VAE Batch tile size: 16"):  # fmt: skip
         assert key in text, text
     assert "tiled ×2" in text
+    assert seen and all(t.mode == tile_mode for t in seen), seen
+    assert tile_mode != "exact-lean" or all(t.spill is None for t in seen), "exact-lean never spills"
     params = dict(kv.split(": ", 1) for kv in text.splitlines()[-1].split(", ") if ": " in kv)
     script = webui.runners["txt2img"].alwayson_scripts[0]
     pasted = [fn(params) for _component, fn in script.infotext_fields]
@@ -314,7 +318,7 @@ def test_remote_endpoint_on_this_webui_itself_is_refused(webui, capsys):
     assert len(res.images) == 1 and "VAE Batch: on" in res.infotexts[0]
 
 
-def test_xyz_axes_added_once_and_they_turn_the_option_on(webui):
+def test_xyz_axes_added_once_and_they_turn_the_option_on(webui, monkeypatch):
     import types
 
     from lib_vaebatch.webui import xyz
@@ -339,3 +343,19 @@ def test_xyz_axes_added_once_and_they_turn_the_option_on(webui):
     p = types.SimpleNamespace()
     tiling.apply(p, "always", ["always"])
     assert p.vaebatch_overrides == {"tiling": "always", "enabled": True}
+    # a cell of the tile-mode axis reaches the tiler: exact-lean, with no spill store
+    mode = next(o for o in module.axis_options if o.label == "VAE Batch: Tile mode")
+    assert "exact-lean" in mode.choices()
+    runner = webui.runners["txt2img"]
+    args = webui.api.init_script_args({}, webui.defaults["txt2img"], runner)
+    cell = webui.processing.StableDiffusionProcessingTxt2Img(scripts_runner=runner, script_args=args)
+    tiling.apply(cell, "always", ["always"])
+    mode.apply(cell, "exact-lean", ["exact", "exact-lean"])
+    seen = record_tile_settings(monkeypatch)
+    webui.shared.state.begin()
+    try:
+        res = webui.processing.process_images(cell)
+    finally:
+        webui.shared.state.end()
+    assert "VAE Batch tile mode: exact-lean" in res.infotexts[0], res.infotexts
+    assert seen and all(t.mode == "exact-lean" and t.spill is None for t in seen), seen
