@@ -18,6 +18,10 @@
 #                            python3.10 on PATH, else pyenv's; an error if there is none (no skipping).
 #   ./dev.sh gpu-check [ARGS] on a CUDA machine: gpu tests + GPU benchmark with PASS/FAIL verdicts
 #                            (bench/gpu_check.py; exit 3 at once where there is no CUDA device)
+#   ./dev.sh mutate PATH... [--tests T...]
+#                            mutation testing (mutmut) of the named modules with the tests that cover
+#                            them (tests/mutate.py; installs mutmut into .venv on first use);
+#                            ./dev.sh mutate --report shows the last run's counts and survivors
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -145,6 +149,12 @@ case "$cmd" in
         ;;
     bench) setup; exec "$VENV/bin/python" bench/bench_decode.py "$@" ;;
     gpu-check) gpu_check "$@" ;;
+    mutate)
+        setup
+        "$VENV/bin/python" -c 'import mutmut' 2>/dev/null \
+            || PIP_CONSTRAINT="$PWD/$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[mutate]"
+        exec "$VENV/bin/python" tests/mutate.py "$@"
+        ;;
     py) setup; exec "$VENV/bin/python" "$@" ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,24p' "$0"; exit 2 ;;
 esac
