@@ -19,7 +19,7 @@ from fastapi.security import HTTPBasic
 from pydantic import BaseModel
 
 from lib_vaebatch.api.service import ApiError
-from lib_vaebatch.ui.actions import Host, Reporter
+from lib_vaebatch.host import Host, Reporter
 
 log = logging.getLogger("vaebatch")
 

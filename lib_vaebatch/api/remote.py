@@ -38,10 +38,10 @@ from lib_vaebatch.engine.decode import InputError, check_latents, decode_latents
 from lib_vaebatch.engine.encode import encode_pixels
 from lib_vaebatch.engine.results import BatchResult
 from lib_vaebatch.families import default_family_for_channels, no_family_problem, to_raw
+from lib_vaebatch.host import Host, Reporter
 from lib_vaebatch.images import ImageInputError, prepare_image, tensor_to_image
 from lib_vaebatch.latents import MAX_LATENT_ELEMENTS
 from lib_vaebatch.saving import encode_image
-from lib_vaebatch.ui.actions import Host, Reporter
 
 DECODE_PATH = "/remote/decode"
 ENCODE_PATH = "/remote/encode"

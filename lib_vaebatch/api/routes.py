@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lib_vaebatch.api import service
 from lib_vaebatch.api.http import ERRORS, ApiConfig, check_auth, read_body, respond
-from lib_vaebatch.ui.actions import Reporter
+from lib_vaebatch.host import Reporter
 
 
 # -- OpenAPI models (documentation of what the handlers accept and return) ---------------------

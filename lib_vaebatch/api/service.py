@@ -1,5 +1,5 @@
 """The HTTP API's work, free of any web framework: validate a JSON payload, run the engine through
-a :class:`~lib_vaebatch.ui.actions.Host`, and build the JSON answer.
+a :class:`~lib_vaebatch.host.Host`, and build the JSON answer.
 
 Every problem with the request raises :class:`ApiError` (a 4xx with ``error`` and ``detail``)
 before any work starts; problems while decoding are reported per sample, never as a failed
@@ -25,10 +25,10 @@ from lib_vaebatch.engine.decode import InputError, check_latents
 from lib_vaebatch.engine.encode import EncodeOptions, encode_images, prepare_images
 from lib_vaebatch.engine.options import EngineOptions
 from lib_vaebatch.families import FAMILY_NAMES, get_family
+from lib_vaebatch.host import Host, Reporter, UserError, checked_engine_options
 from lib_vaebatch.images import ImageInputError, parse_color, tensor_to_image
 from lib_vaebatch.latents import MAX_LATENT_ELEMENTS, LatentBatch, LatentFileError, read_latents
 from lib_vaebatch.saving import encode_image
-from lib_vaebatch.ui.actions import Host, Reporter, UserError, checked_engine_options
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_IMAGES = 256

@@ -14,8 +14,9 @@ from typing import Any
 
 import gradio as gr
 
+from lib_vaebatch.host import Host, Reporter, UserError
 from lib_vaebatch.ui import actions
-from lib_vaebatch.ui.actions import DecodeRequest, EncodeRequest, Host, Reporter, UserError
+from lib_vaebatch.ui.actions import DecodeRequest, EncodeRequest
 from lib_vaebatch.ui.compat import file_paths, js_kwargs, update, upload_kwargs
 
 LADDERS = {"bf16, fp32": ("bf16", "fp32"), "fp32": ("fp32",), "bf16": ("bf16",), "none": ()}

@@ -12,7 +12,7 @@ import torch
 
 from lib_vaebatch.backends import APPROX, ApproxVAE, VAEBackend, load_vae
 from lib_vaebatch.families import Family
-from lib_vaebatch.ui.actions import Host, Reporter, UserError
+from lib_vaebatch.host import Host, Reporter, UserError
 
 APPROX_LABEL = "approx (built-in, preview quality)"
 VAE_SUFFIXES = (".safetensors",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_vaebatch.forge import host as forge
-from lib_vaebatch.ui.actions import Reporter
+from lib_vaebatch.host import Reporter
 
 MAX_MB_KEY = "vaebatch_api_max_mb"
 DEFAULT_MAX_MB = 64

@@ -16,7 +16,7 @@ from typing import Any
 from lib_vaebatch.backends.base import VAEBackend
 from lib_vaebatch.families import Family
 from lib_vaebatch.forge import host as forge
-from lib_vaebatch.ui.actions import Host, Reporter, UserError
+from lib_vaebatch.host import Host, Reporter, UserError
 from lib_vaebatch.webui.backend import NoWebuiVAEError, WebuiVAE
 from lib_vaebatch.writer import WriteJob
 
