@@ -65,11 +65,17 @@ class Plan:
 
 
 def memory_budget(backend: VAEBackend, options: EngineOptions) -> int:
+    """The bytes a chunk may plan for: the given budget, else a share of free memory as the host's
+    memory manager sees it (Forge, ComfyUI) or as the device reports it. On the CPU a host's view
+    is the machine's available RAM; the process's own limits (an address-space cap, a cgroup) are
+    only in the device's view, so the smaller of the two counts."""
     if options.memory_budget is not None:
         return int(options.memory_budget)
     free = backend.free_bytes()
     if free is None:
         free = free_memory(backend.device)
+    elif backend.device.type == "cpu":
+        free = min(free, free_memory(backend.device))
     return int(free * options.memory_fraction)
 
 

@@ -80,6 +80,22 @@ def test_free_memory_on_cpu_is_available_ram():
     assert 0 < free <= total
 
 
+def test_a_hosts_view_of_cpu_memory_is_capped_by_the_processs_own_limits(monkeypatch):
+    """Forge's and ComfyUI's memory managers report the machine's available RAM for the CPU; an
+    address-space cap or a cgroup limit is only in our own view, and the smaller one plans."""
+    from lib_vaebatch.engine import planner
+
+    class HostManaged(Recorder):
+        def free_bytes(self) -> int:
+            return 64 << 30
+
+    backend = HostManaged(tiny_backend())
+    monkeypatch.setattr(planner, "free_memory", lambda device: 500 << 20)
+    assert planner.memory_budget(backend, EngineOptions()) == int((500 << 20) * 0.8)
+    monkeypatch.setattr(planner, "free_memory", lambda device: 128 << 30)
+    assert planner.memory_budget(backend, EngineOptions()) == int((64 << 30) * 0.8)
+
+
 def test_oom_detection_covers_backend_error_types():
     assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_oom(
