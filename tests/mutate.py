@@ -54,13 +54,15 @@ COVERING: dict[str, list[str]] = {
     "lib_vaebatch/backends/": ["tests/backends", "tests/api/test_remote.py"],
     "lib_vaebatch/api/": ["tests/api", "tests/hardening"],
     "lib_vaebatch/ui/": ["tests/ui"],
+    "lib_vaebatch/comfy/": ["tests/comfy", "tests/test_comfy_pack.py"],
 }
 
 #: Tests whose product code runs in a child process (a test id prefix), and the functions (globs
 #: of mutmut's names, ``module.x_function`` / ``module.xǁClassǁmethod``) that child runs.
 CHILD_PROCESS_TESTS: dict[str, list[str]] = {
-    "tests/tiling/test_memory_limit.py": ["lib_vaebatch.tiling.*", "lib_vaebatch.heap.*"],
-    "tests/tiling/test_spill.py::test_a_spill_store_that_cannot_be_written": ["lib_vaebatch.tiling.*"],
+    # real memory limits: what they show beyond the in-process tests is where spilled values live
+    "tests/tiling/test_memory_limit.py": ["lib_vaebatch.tiling.spill.*"],
+    "tests/tiling/test_spill.py::test_a_spill_store_that_cannot_be_written": ["lib_vaebatch.tiling.spill.*"],
     "tests/engine/test_heap.py": ["lib_vaebatch.heap.*"],
     "tests/cache/test_run.py": ["lib_vaebatch.cache.*"],
 }
@@ -159,7 +161,26 @@ def _reset_unkilled(paths: list[str]) -> int:
     return reset
 
 
-def _status_counts() -> dict[str, Counter[str]]:
+def _mutant_names(paths: list[str]) -> list[str]:
+    out: list[str] = []
+    for glob in _globs(paths):
+        pattern = f"{glob.rstrip('*')}*.meta" if glob.endswith("*") else f"{glob}.meta"
+        for meta in sorted((WORK / "mutants").glob(pattern)):
+            out += sorted(json.loads(meta.read_text())["exit_code_by_key"])
+    return out
+
+
+def _draw(paths: list[str], n: int, seed: int) -> list[str]:
+    """``n`` mutant names drawn uniformly without replacement (sorted names, seeded): the same
+    code and seed give the same sample, so a run before and after a change of the tests compares
+    the same mutants."""
+    import random
+
+    names = _mutant_names(paths)
+    return sorted(random.Random(seed).sample(names, min(n, len(names))))
+
+
+def _status_counts(only: list[str] | None = None) -> dict[str, Counter[str]]:
     from mutmut.__main__ import walk_mutatable_files
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.stats import status_by_exit_code
@@ -168,16 +189,18 @@ def _status_counts() -> dict[str, Counter[str]]:
     for path in walk_mutatable_files():
         m = SourceFileMutationData(path=path)
         m.load()
-        c = Counter(status_by_exit_code[v] for v in m.exit_code_by_key.values())
+        codes = [v for k, v in m.exit_code_by_key.items() if only is None or k in only]
+        c = Counter(status_by_exit_code[v] for v in codes)
         if c:
             counts[str(path)] = c
     return counts
 
 
-def _summary() -> dict[str, dict[str, int]]:
+def _summary(only: list[str] | None = None) -> dict[str, dict[str, int]]:
     code = (
         f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from tests.mutate import _status_counts;"
-        "print(json.dumps({k: dict(v) for k, v in _status_counts().items()}))"
+        f"only = {only!r} and set({only!r});"
+        "print(json.dumps({k: dict(v) for k, v in _status_counts(only).items()}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=WORK, capture_output=True, text=True, check=True,
@@ -200,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="the last run's counts and survivors")
     ap.add_argument("--max-children", type=int, default=2, help="mutants tested at a time (default 2)")
     ap.add_argument("--fresh", action="store_true", help="forget every earlier result and trace first")
+    ap.add_argument("--sample", type=int, metavar="N", help="test N mutants drawn (seeded) from the paths'")
+    ap.add_argument("--seed", type=int, default=23, help="seed of --sample (default 23)")
     args = ap.parse_args(argv)
     global WORK
     if args.report:
@@ -229,8 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             return _mutmut("run", "no.such.mutant")  # again, to show why
     print(f"[mutate] {_add_child_process_tests()} (function, child-process test) pairs added", flush=True)
     print(f"[mutate] {_reset_unkilled(args.paths)} mutant(s) not killed before are tested again", flush=True)
-    rc = _mutmut("run", "--max-children", str(args.max_children))
-    summary = _summary()
+    names: list[str] = []
+    if args.sample:
+        names = _draw(args.paths, args.sample, args.seed)
+        (WORK / "sample.txt").write_text("\n".join(names) + "\n")
+        print(f"[mutate] a sample of {len(names)} mutants (seed {args.seed}): sample.txt", flush=True)
+    rc = _mutmut("run", "--max-children", str(args.max_children), *names)
+    summary = _summary(names or None)
     (WORK / "summary.json").write_text(json.dumps(summary, indent=1))
     _print(summary)
     return rc

@@ -1,6 +1,7 @@
 """The core never imports a host (the webui's ``modules``, Forge's ``backend``/``ldm_patched``/
-``modules_forge``) or gradio; only the host sub-packages may: ``webui`` (the webui glue shared by
-A1111 and the Forge family), ``forge`` (everything Forge-specific) and ``ui`` (gradio).
+``modules_forge``, ComfyUI's ``comfy``/``comfy_api``/...) or gradio; only the host sub-packages may:
+``webui`` (the webui glue shared by A1111 and the Forge family), ``forge`` (everything
+Forge-specific), ``comfy`` (the ComfyUI nodes) and ``ui`` (gradio).
 The package's modules import each other in layers, without cycles (see LAYERS)."""
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lib_vaebatch"
-HOST_PACKAGES = {"webui", "forge", "ui"}  # the only places allowed to touch a host / gradio
+HOST_PACKAGES = {"webui", "forge", "comfy", "ui"}  # the only places allowed to touch a host / gradio
 FORGE_ONLY = {"backend", "ldm_patched", "modules_forge"}  # Forge's own packages
-FORBIDDEN = {"modules", "gradio"} | FORGE_ONLY
+#: ComfyUI's top-level modules (its packages and the main-folder modules a pack could import)
+COMFY_ONLY = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server",
+              "execution", "node_helpers", "latent_preview"}  # fmt: skip
+FORBIDDEN = {"modules", "gradio"} | FORGE_ONLY | COMFY_ONLY
 
 
 def _core_files():
@@ -57,6 +61,8 @@ def test_the_scan_catches_an_offender(tmp_path):
         "def f():\n    from modules import shared\n    import gradio as gr\n"
         "    import backend.memory_management\n    from ldm_patched.modules import sd\n"
         "    importlib.import_module('modules_forge.main_thread')\n"
+        "    import comfy.model_management, comfy_api.latest, comfy_execution, comfy_extras, folder_paths\n"
+        "    import nodes, server, execution, node_helpers, latent_preview\n"
     )
     assert _imported_roots(bad) >= FORBIDDEN
 
@@ -65,14 +71,15 @@ BLOCKER = """
 import importlib, pkgutil, sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("modules", "gradio", "backend", "ldm_patched", "modules_forge"):
+        if name.split(".")[0] in ("modules", "gradio", "backend", "ldm_patched", "modules_forge", "comfy",
+                                  "comfy_api", "folder_paths", "nodes", "server"):
             raise ImportError(f"core imported {name}")
         return None
 sys.meta_path.insert(0, Block())
 import lib_vaebatch
 count = 0
 for info in pkgutil.walk_packages(lib_vaebatch.__path__, "lib_vaebatch."):
-    if info.name.split(".")[1] in ("webui", "ui", "__main__"):
+    if info.name.split(".")[1] in ("webui", "ui", "comfy", "__main__"):
         continue
     importlib.import_module(info.name)
     count += 1
@@ -112,7 +119,7 @@ VERMIN = str(Path(sys.executable).with_name("vermin"))  # its console script, be
 
 def test_code_runs_on_python_3_10():
     """A1111 ships Python 3.10: no syntax or standard-library use beyond it (vermin, static)."""
-    targets = ["lib_vaebatch", "install.py", "scripts", "bench", "tests"]
+    targets = ["lib_vaebatch", "install.py", "scripts", "bench", "tests", "__init__.py", "conftest.py"]
     args = ["-t=3.10-", "--no-tips", "--violations", "--eval-annotations", *targets]
     proc = subprocess.run([VERMIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -136,6 +143,11 @@ def test_only_the_webui_sub_package_touches_modules():
     assert any(roots[p] & FORGE_ONLY for p in files if part[p] == "forge"), (
         "the Forge adapters live in forge/"
     )
+    comfy_outside = sorted(
+        str(p.relative_to(ROOT)) for p in files if part[p] != "comfy" and roots[p] & COMFY_ONLY
+    )
+    assert comfy_outside == [], "ComfyUI is imported only by lib_vaebatch/comfy"
+    assert any(roots[p] & {"comfy", "comfy_api"} for p in files if part[p] == "comfy")
     forge_to_glue = sorted(
         str(p.relative_to(ROOT)) for p in files if part[p] == "forge" and _imports_lib(p, "webui")
     )
@@ -148,8 +160,9 @@ def test_only_the_webui_sub_package_touches_modules():
 # -- layering ---------------------------------------------------------------------------------
 #: Lowest first. A module may import modules of its own layer or a lower one, never a higher one;
 #: every module belongs to the layer of its longest matching name (``ui.actions`` before ``ui``).
-#: ``ui.actions``/``ui.standalone`` are the Latent Batch tab's gradio-free actions and host, which
-#: the HTTP API runs too, so they sit below ``api``; the gradio page itself (``ui``) sits above it.
+#: ``host`` is the seam every front end implements (Host, Reporter, UserError, checked options):
+#: the HTTP API, the Latent Batch tab's gradio-free actions (``ui.actions``/``ui.standalone``), the
+#: gradio pages, the webui glue and the ComfyUI nodes all sit above it and beside each other.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core utilities", ("", "log", "progress", "naming", "images", "infotext", "tensorfile",
                         "ptfile", "families", "devices", "layout", "heap")),
@@ -158,9 +171,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("engine",)),
     ("Forge adapters", ("forge",)),  # Forge's VAE behind the engine; below the shared webui glue
     ("jobs", ("jobs", "demo", "cache")),  # cache/: dataset latent caches, on the engine as jobs are
-    ("tab actions", ("ui.actions", "ui.standalone")),
+    ("host seam", ("host",)),
     ("api", ("api",)),
-    ("front ends", ("ui", "webui", "cli", "__main__")),
+    ("tab actions", ("ui.actions", "ui.standalone")),
+    ("front ends", ("ui", "webui", "comfy", "cli", "__main__")),
 ]  # fmt: skip
 
 
@@ -280,8 +294,9 @@ def test_the_package_has_no_import_cycles():
 
 
 def test_imports_follow_the_layers():
-    """core utilities < files and tiling < backends < engine < jobs < tab actions < api < front ends
-    (see LAYERS); every module has a layer, and in particular backends never import the engine."""
+    """core utilities < files and tiling < backends < engine < jobs < host seam < api < tab actions
+    < front ends (see LAYERS); every module has a layer, and in particular backends never import
+    the engine."""
     graph = import_graph(PACKAGE)
     assert sorted(m for m in graph if layer_of(m) is None) == []
     assert upward_imports(graph) == []
@@ -290,6 +305,33 @@ def test_imports_follow_the_layers():
     assert {m: sorted(d for d in graph[m] if d.startswith("lib_vaebatch.engine")) for m in backends} == {
         m: [] for m in backends
     }
+
+
+def test_every_host_plugs_into_the_seam_not_into_another_host():
+    """The HTTP API and the ComfyUI nodes import no other host folder, and the seam none at all; the
+    front ends that serve the HTTP API mount it (the app's server, the webui), and the webui glue
+    uses Forge's adapters and the gradio tab."""
+    graph = import_graph(PACKAGE)
+    hosts = ("api", "ui", "webui", "forge", "comfy")
+
+    def folder(mod: str) -> str | None:
+        part = mod.split(".")[1] if mod.count(".") else ""
+        return part if part in hosts else None
+
+    allowed = {("webui", "forge"), ("webui", "ui"), ("webui", "api"), ("ui", "api")}
+    crossings = sorted(
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        for dep in deps
+        if folder(mod)
+        and folder(dep)
+        and folder(mod) != folder(dep)
+        and (folder(mod), folder(dep)) not in allowed
+    )
+    assert crossings == []
+    assert not any(folder(d) for d in graph["lib_vaebatch.host"]), "the seam is below every host"
+    users = {folder(m) for m, deps in graph.items() if "lib_vaebatch.host" in deps}
+    assert {"api", "ui", "webui", "comfy"} <= users
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:

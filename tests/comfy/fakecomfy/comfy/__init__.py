@@ -1,0 +1,1 @@
+"""Fake ComfyUI ``comfy`` package (see ../README.md)."""
