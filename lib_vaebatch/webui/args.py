@@ -175,6 +175,19 @@ def from_positional(values: Sequence[Any], base: Mapping[str, Any] | None = None
     return out
 
 
+def asked_for(values: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> bool:
+    """Whether arguments that could not all be read still asked for VAE Batch: the first one is
+    on (or is not a readable true/false), or an X/Y/Z cell turned it on."""
+    if overrides and overrides.get("enabled"):
+        return True
+    if not values or values[0] is None:
+        return False
+    try:
+        return bool(BY_NAME["enabled"].coerce(values[0]))
+    except ValueError:
+        return True
+
+
 def ladder_for(choice: str, *, webui_bf16: bool, webui_fp32: bool) -> tuple[str, ...]:
     rungs = LADDERS[choice]
     if rungs is not None:

@@ -109,6 +109,9 @@ class VaeBatchScript(scripts.Script):
                 values[name] = A.BY_NAME[name].coerce(value)
         except ValueError as exc:
             T.say(f"{exc}; VAE Batch is off for this generation")
+            if A.asked_for(args, getattr(p, OVERRIDES_ATTR, None)):
+                # the infotext (and so the API's info) says it was off, and why
+                p.extra_generation_params[A.TITLE] = f"off ({str(exc).removeprefix(f'{A.TITLE}: ')})"
             return
         if not values["enabled"]:
             return

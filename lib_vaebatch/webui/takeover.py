@@ -30,6 +30,8 @@ from lib_vaebatch.webui.backend import WebuiVAE
 
 #: Settings key of the remote VAE endpoint (script option "VAE" = remote, and the Latent Batch tab).
 REMOTE_URL_KEY = "vaebatch_remote_url"
+#: The infotext label of the "VAE" choice, which says what really decoded.
+BACKEND_LABEL = A.BY_NAME["backend"].infotext
 #: "webui settings" on a Forge without the webui's VAE precision settings (Neo): our own ladder.
 FORGE_DEFAULT_LADDER = A.LADDERS["bf16, fp32"]
 
@@ -90,6 +92,11 @@ class Job:
     def nan_check(self) -> bool:
         return self.options().nan_check
 
+    def _not_remote(self, own: Any, why: str) -> tuple[Any, dict[str, float]]:
+        """The model's own VAE in place of the remote one asked for; the infotext says which ran."""
+        self.p.extra_generation_params[BACKEND_LABEL] = f"webui ({why})"
+        return own, {}
+
     def backend(self, sd_model: Any) -> tuple[Any, dict[str, float]]:
         """The decode backend and the scaling to hand the engine: the model's own VAE (the webui's
         first_stage_model, or Forge's forge_objects.vae), or the remote endpoint from Settings with
@@ -105,13 +112,13 @@ class Job:
         url = str(shared.opts.data.get(REMOTE_URL_KEY) or "").strip()
         if not url:
             say("VAE = remote, but Settings > VAE Batch names no remote endpoint: using the webui VAE")
-            return own, {}
+            return self._not_remote(own, "remote asked, no endpoint set")
         if points_at_this_webui(url, shared.cmd_opts):
             say(
                 "the remote endpoint is this webui itself, whose queue lock this generation holds: "
                 "using the webui VAE"
             )
-            return own, {}
+            return self._not_remote(own, "remote asked, the endpoint is this webui")
         if isinstance(own, ForgeVAE):
             family, (scale, shift) = own.family, (own.scaling_factor, own.shift_factor)
         else:

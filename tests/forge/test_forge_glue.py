@@ -133,7 +133,9 @@ def test_vae_overflow_is_recovered_where_forge_gives_nan(forge, capsys, stored):
     assert (_stack(ours) - ref).abs().max().item() <= tolerance, "the fp32 result over the same weights"
     text = ours.infotexts[0]
     note = f"{rung} compute over the {stored} weights Forge loaded"
-    assert f"VAE Batch: recovered {rung} ×1, {note}" in text, text
+    from lib_vaebatch.infotext import parse_params
+
+    assert parse_params(text.splitlines()[-1])["VAE Batch"] == f"recovered {rung} ×1, {note}", text
     assert note in capsys.readouterr().out
     assert next(vae.first_stage_model.parameters()).dtype == dtype and vae.vae_dtype == dtype
     # "Keep recovered precision": Forge's own vae_dtype follows, so its later decodes use it.
@@ -272,3 +274,9 @@ def test_api_arguments_are_the_same_as_on_a1111(forge):
     )
     text = res.infotexts[0]
     assert "VAE Batch ladder: fp32" in text and "VAE Batch tiling: always" in text and "tiled ×1" in text
+    # bad arguments: Forge's own decode, and the infotext (the API's info) says why VAE Batch was off
+    _, res = forge.run(alwayson={"VAE Batch": {"args": [True, "abc"]}})
+    from lib_vaebatch.infotext import parse_params
+
+    said = parse_params(res.infotexts[0].splitlines()[-1])["VAE Batch"]
+    assert said == "off (Max chunk (0 = auto): expected a whole number, not 'abc')"

@@ -210,6 +210,41 @@ def test_api_argument_mapping_title_match_and_bad_values(webui, capsys):
     out = capsys.readouterr().out
     assert "[VAE Batch]" in out and "sideways" in out and "off for this generation" in out
     assert len(res.images) == 1 and webui.processing.core_decode_calls == [1]
+    why = "off (Tiled decode: 'sideways' is not one of auto, always, never)"
+    assert A_params(res.infotexts[0])["VAE Batch"] == why
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ([True, "abc"], "off (Max chunk (0 = auto): expected a whole number, not 'abc')"),
+        ([True, -3], "off (Max chunk (0 = auto): -3 is outside 0..64)"),
+        ([True, 0, True, "webui settings", False, "cpu", "auto", "exact", 10**9], "off (Tile size"),
+        ([True, 0, True, "sometimes"], "off (Recovery precisions: 'sometimes' is not one of"),
+        (["maybe"], "off (VAE Batch: expected true or false, not 'maybe')"),
+    ],
+)
+def test_bad_api_arguments_say_in_the_infotext_that_vae_batch_was_off_and_why(webui, args, why):
+    """An API caller sees it in ``info``: the infotext says VAE Batch was off, and why."""
+    from lib_vaebatch.webui import args as A
+
+    webui.processing.core_decode_calls.clear()
+    _, res = webui.run(alwayson={"VAE Batch": {"args": args}})
+    assert webui.processing.core_decode_calls == [1], "the webui's own decode ran"
+    params = A_params(res.infotexts[0])
+    assert params[A.TITLE].startswith(why), params[A.TITLE]
+
+
+def test_arguments_that_do_not_ask_for_vae_batch_leave_no_trace(webui):
+    _, res = webui.run(alwayson={"VAE Batch": {"args": [False, "abc"]}})
+    assert "VAE Batch" not in res.infotexts[0]
+
+
+def A_params(infotext: str) -> dict[str, str]:
+    """The parameters of an infotext's last line, read as the webui's PNG Info reads them."""
+    from lib_vaebatch.infotext import parse_params
+
+    return parse_params(infotext.splitlines()[-1])
 
 
 def test_a_model_without_first_stage_outside_forge_is_left_alone_with_one_message(webui, capsys):
@@ -316,6 +351,19 @@ def test_remote_endpoint_on_this_webui_itself_is_refused(webui, capsys):
     _, res = webui.run(alwayson={"VAE Batch": {"args": args}}, batch_size=1)
     assert "is this webui itself" in capsys.readouterr().out
     assert len(res.images) == 1 and "VAE Batch: on" in res.infotexts[0]
+    backend = A_params(res.infotexts[0])["VAE Batch backend"]
+    assert backend == "webui (remote asked, the endpoint is this webui)"
+
+
+def test_remote_with_no_endpoint_set_says_the_webui_vae_decoded(webui, capsys):
+    webui.shared.opts.data["vaebatch_remote_url"] = ""
+    args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, False, "remote"]
+    _, res = webui.run(alwayson={"VAE Batch": {"args": args}}, batch_size=2)
+    assert "names no remote endpoint" in capsys.readouterr().out
+    for text in res.infotexts:
+        params = A_params(text)
+        assert params["VAE Batch backend"] == "webui (remote asked, no endpoint set)", text
+        assert params["VAE Batch"] == "on"
 
 
 def test_xyz_axes_added_once_and_they_turn_the_option_on(webui, monkeypatch):

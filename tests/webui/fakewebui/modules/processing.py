@@ -63,8 +63,18 @@ def create_infotext(p, index=0):
         elif callable(v):
             v = v(p=p, index=index)
         out[k] = v
-    text = ", ".join(f"{k}: {v}" for k, v in out.items() if v is not None)
+    # infotext_utils.quote: values holding ",", ":" or a newline are JSON-quoted (reference §4.6)
+    text = ", ".join(f"{k}: {_quote(v)}" for k, v in out.items() if v is not None)
     return f"{p.prompt}\n{text}"
+
+
+def _quote(value):
+    import json
+
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 class Processed:
