@@ -178,3 +178,20 @@ def test_latent_batch_tab_in_a_real_browser(tmp_path):
             page.screenshot(path=str(tmp_path / "forge-tab.png"))
         finally:
             browser.close()
+
+
+def _params(text):
+    from lib_vaebatch.infotext import parse_params
+
+    return parse_params(text.splitlines()[-1])
+
+
+def test_bad_arguments_say_in_the_info_that_vae_batch_was_off_and_why(session):
+    _, texts = _txt2img(session, {"VAE Batch": {"args": [True, "abc"]}}, batch_size=1)
+    assert _params(texts[0])["VAE Batch"] == "off (Max chunk (0 = auto): expected a whole number, not 'abc')"
+
+
+def test_remote_without_an_endpoint_says_the_forge_vae_decoded(session):
+    args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, False, "remote"]
+    _, texts = _txt2img(session, {"VAE Batch": {"args": args}}, batch_size=1)
+    assert _params(texts[0])["VAE Batch backend"] == "webui (remote asked, no endpoint set)", texts[0]

@@ -91,6 +91,32 @@ def test_unknown_script_title_is_a_422(api):
     assert r.status_code == 422
 
 
+def _params(text: str) -> dict[str, str]:
+    from lib_vaebatch.infotext import parse_params
+
+    return parse_params(text.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [([True, "abc"], "off (Max chunk (0 = auto): expected a whole number, not 'abc')"),
+     ([True, -3], "off (Max chunk (0 = auto): -3 is outside 0..64)"),
+     ([True, 0, True, "webui settings", False, "cpu", "auto", "exact", 10**9], "off (Tile size"),
+     ([True, 0, True, "sometimes"], "off (Recovery precisions: 'sometimes' is not one of")],
+)  # fmt: skip
+def test_bad_arguments_say_in_the_info_that_vae_batch_was_off_and_why(api, args, why):
+    result = _txt2img(api, {"VAE Batch": {"args": args}}, batch_size=1)
+    (text,) = _infotexts(result)
+    assert _params(text)["VAE Batch"].startswith(why), text
+
+
+def test_remote_without_an_endpoint_says_the_webui_vae_decoded(api):
+    args = [True, 0, True, "webui settings", False, "cpu", "auto", "exact", 0, False, "remote"]
+    result = _txt2img(api, {"VAE Batch": {"args": args}}, batch_size=1)
+    (text,) = _infotexts(result)
+    assert _params(text)["VAE Batch backend"] == "webui (remote asked, no endpoint set)", text
+
+
 def test_latent_batch_tab_in_a_real_browser(tmp_path):
     """The tab inside the real webui: encode an image carrying an infotext, download the latents,
     decode them (saved by the webui's own save_image), and Send to img2img carries the prompt."""
