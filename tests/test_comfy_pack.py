@@ -94,3 +94,30 @@ def test_the_wheel_holds_the_package_only(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"lib_vaebatch"}, tops
     assert "lib_vaebatch/comfy/nodes.py" in names
+
+
+def test_the_example_workflows_use_the_nodes_and_load_without_schema_warnings():
+    """ComfyUI lists a pack's ``example_workflows/`` among its templates; the front end checks each
+    against its workflow schema, which refuses ``null`` for the lists and slot indices."""
+    import json
+
+    found = set()
+    for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        wf = json.loads(path.read_text())
+
+        def nulls(x, at=""):
+            if x is None:
+                yield at
+            elif isinstance(x, dict):
+                for k, v in x.items():
+                    yield from nulls(v, f"{at}.{k}")
+            elif isinstance(x, list):
+                for i, v in enumerate(x):
+                    yield from nulls(v, f"{at}[{i}]")
+
+        assert list(nulls(wf)) == [], path
+        types = {n["type"] for n in wf["nodes"]}
+        found |= types
+        ids = {n["id"] for n in wf["nodes"]}
+        assert all(link[1] in ids and link[3] in ids for link in wf["links"]), path
+    assert {"VAEBatchDecode", "VAEBatchEncode", "VAEBatchEncodeImages"} <= found

@@ -69,7 +69,8 @@ app.registerExtension({
             const onNodeCreated = nodeType.prototype.onNodeCreated;
             nodeType.prototype.onNodeCreated = function () {
                 const r = onNodeCreated?.apply(this, arguments);
-                VAEBatch.grow(this);
+                // later, not now: a graph being loaded connects its links right after creating the node
+                setTimeout(() => VAEBatch.grow(this), 0);
                 return r;
             };
             const onConfigure = nodeType.prototype.onConfigure;

@@ -150,7 +150,8 @@ def _describe(result: BatchResult, backend: ComfyVAE, indices: Sequence[int]) ->
     chunks = result.chunk_sizes
     start = result.start_dtype or dtype_name(backend.dtype)
     head = f"  {len(chunks)} chunk(s)" + (f" of up to {max(chunks)}" if chunks else "") + f" in {start}"
-    lines = [f"{head}: {result.summary()}"]
+    summary = result.summary()
+    lines = [f"{head}: " + ("all finite, untiled" if summary == "on" else summary)]
     for rep in result.reports:
         i = indices[rep.index]
         if rep.status is Status.RECOVERED:
