@@ -26,10 +26,8 @@ def _infotexts(result):
 
 
 def _txt2img(api, alwayson=None, **kw):
-    return api.txt2img(
-        prompt="a lighthouse", seed=11, width=64, height=64, batch_size=2, steps=2,
-        alwayson_scripts=alwayson or {}, **kw,
-    )  # fmt: skip
+    args = {"prompt": "a lighthouse", "seed": 11, "width": 64, "height": 64, "batch_size": 2, "steps": 2}
+    return api.txt2img(alwayson_scripts=alwayson or {}, **(args | kw))
 
 
 def test_script_is_listed_with_its_arguments(api):
