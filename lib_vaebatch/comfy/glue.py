@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lib_vaebatch.backends.base import VAEBackend
 from lib_vaebatch.comfy.backend import ComfyVAE, hand_back_reason, mm
 from lib_vaebatch.comfy.options import engine_options
 from lib_vaebatch.devices import dtype_name
@@ -86,7 +87,8 @@ def _size(z: torch.Tensor, ratio: int = 8) -> str:
 def decode(vae: Any, samples: Any, values: Mapping[str, Any], node_id: str | None = None) -> Decoded:
     """Decode a LATENT with the engine (see the module doc); the IMAGE and the report."""
     z = latent_tensor(samples)
-    why = hand_back_reason(vae, z)
+    own = getattr(vae, "vaebatch_backend", None)  # a VAE of ours (the Remote VAE node)
+    why = hand_back_reason(vae, z) if own is None else None
     if why is not None:
         images = _flatten_frames(vae.decode(z))
         return Decoded(images, f"{PREFIX}: handed back to ComfyUI's own decode: {why}")
@@ -102,7 +104,7 @@ def decode(vae: Any, samples: Any, values: Mapping[str, Any], node_id: str | Non
                 f"image {i}: the latent itself is non-finite ({nan} NaN, {inf} Inf values), as the "
                 "sampler made it: no VAE retry can fix that; it comes back black"
             )
-    backend = ComfyVAE(vae)
+    backend: VAEBackend = own if own is not None else ComfyVAE(vae)
     outputs: list[torch.Tensor | None] = [None] * n
     result: BatchResult | None = None
     if good:
@@ -112,7 +114,7 @@ def decode(vae: Any, samples: Any, values: Mapping[str, Any], node_id: str | Non
                 backend, z[good], scaled=False, options=options, progress=reporter, cancel=reporter.cancelled
             )
         finally:
-            backend.restore()
+            _restore(backend)
         if result.cancelled:
             raise_if_interrupted()
         lines += _describe(result, backend, good)
@@ -129,8 +131,15 @@ def decode(vae: Any, samples: Any, values: Mapping[str, Any], node_id: str | Non
     return Decoded(images.to(mm().intermediate_device()), "\n".join(lines))
 
 
-def _last_resort(backend: ComfyVAE, raw: torch.Tensor, lines: list[str], index: int) -> torch.Tensor:
+def _restore(backend: VAEBackend) -> None:
+    if isinstance(backend, ComfyVAE):
+        backend.restore()
+
+
+def _last_resort(backend: VAEBackend, raw: torch.Tensor, lines: list[str], index: int) -> torch.Tensor:
     try:
+        if not isinstance(backend, ComfyVAE):
+            raise RuntimeError("no ComfyUI tiles to fall back on for this VAE")
         with torch.no_grad():
             out = backend.comfy_tiled_decode(raw)[0]
     except Exception as exc:
@@ -145,7 +154,7 @@ def _last_resort(backend: ComfyVAE, raw: torch.Tensor, lines: list[str], index: 
     return out
 
 
-def _describe(result: BatchResult, backend: ComfyVAE, indices: Sequence[int]) -> list[str]:
+def _describe(result: BatchResult, backend: VAEBackend, indices: Sequence[int]) -> list[str]:
     """The engine's part of the report: chunks, what was recovered and how, tiles and events."""
     chunks = result.chunk_sizes
     start = result.start_dtype or dtype_name(backend.dtype)
@@ -155,7 +164,7 @@ def _describe(result: BatchResult, backend: ComfyVAE, indices: Sequence[int]) ->
     for rep in result.reports:
         i = indices[rep.index]
         if rep.status is Status.RECOVERED:
-            note = backend.weights_note(rep.dtype or "")
+            note = backend.weights_note(rep.dtype or "") if isinstance(backend, ComfyVAE) else ""
             said = rep.message or f"recovered in {rep.dtype}"
             lines.append(f"  image {i}: {said}" + (f" ({note})" if note else ""))
         elif rep.status is Status.FAILED:
@@ -186,10 +195,11 @@ class Encoded:
 def encode(vae: Any, pixels: torch.Tensor, values: Mapping[str, Any], node_id: str | None = None) -> Encoded:
     """Encode an IMAGE batch (alpha dropped, cropped to the VAE's multiple, the posterior mean)."""
     rgb = pixels[..., :3]
-    why = hand_back_reason(vae)
+    own = getattr(vae, "vaebatch_backend", None)  # a VAE of ours (the Remote VAE node)
+    why = hand_back_reason(vae) if own is None else None
     if why is not None:
         return Encoded(vae.encode(rgb), f"{PREFIX}: handed back to ComfyUI's own encode: {why}")
-    backend = ComfyVAE(vae)
+    backend: VAEBackend = own if own is not None else ComfyVAE(vae)
     rgb = crop_to_ratio(rgb, backend.downscale)
     n = int(rgb.shape[0])
     lines = [f"{PREFIX} encode: {n} image(s) of {rgb.shape[2]}x{rgb.shape[1]}"]
@@ -201,7 +211,7 @@ def encode(vae: Any, pixels: torch.Tensor, values: Mapping[str, Any], node_id: s
     try:
         result = encode_pixels(backend, x, options=options, progress=reporter, cancel=reporter.cancelled)
     finally:
-        backend.restore()
+        _restore(backend)
     if result.cancelled:
         raise_if_interrupted()
     lines += _describe(result, backend, range(n))

@@ -6,7 +6,8 @@ Node ids and required input names are a contract (API workflows name them):
 * ``VAEBatchDecode``: ``samples`` (LATENT), ``vae`` (VAE), options -> IMAGE, report (STRING);
 * ``VAEBatchEncode``: ``pixels`` (IMAGE), ``vae`` (VAE), options -> LATENT, report;
 * ``VAEBatchEncodeImages``: ``vae`` and ``image_1`` ... ``image_64`` (IMAGE; the first required) ->
-  a list of LATENTs in input order (one per run of same-size images), report.
+  a list of LATENTs in input order (one per run of same-size images), report;
+* ``VAEBatchRemoteVAE``: ``endpoint`` (STRING), ``family`` -> VAE (a Hybrid Inference endpoint).
 
 The image inputs are fixed names on every ComfyUI: ``io.Autogrow`` (newer ComfyUI) names its slots
 ``<input>.<slot>`` in API workflows (``images.image_1``), which would change the contract between
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lib_vaebatch.comfy import glue
+from lib_vaebatch.comfy import glue, remote
 from lib_vaebatch.comfy.options import DECODE_OPTIONS, ENCODE_OPTIONS, Option, validate
 
 CATEGORY = "latent/vae batch"
@@ -161,7 +162,46 @@ def node_classes() -> list[type]:
             )
             return report_output(report, latents)
 
-    return [VAEBatchDecode, VAEBatchEncode, VAEBatchEncodeImages]
+    class VAEBatchRemoteVAE(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> Any:
+            return io.Schema(
+                node_id="VAEBatchRemoteVAE",
+                display_name="VAE Batch Remote VAE",
+                category=CATEGORY,
+                description=(
+                    "A VAE on another machine, spoken to with diffusers' Hybrid Inference protocol: "
+                    "another VAE Batch server's /vaebatch/v1/remote/decode (its encode is found "
+                    "beside it), or any server speaking that protocol. The VAE Batch nodes run it "
+                    "with their checks and retries; VAE Decode and VAE Encode work with it too."
+                ),
+                inputs=[
+                    io.String.Input(
+                        "endpoint",
+                        default="http://127.0.0.1:7860/vaebatch/v1/remote/decode",
+                        tooltip="The decode URL (http or https).",
+                    ),
+                    io.Combo.Input(
+                        "family",
+                        options=list(remote.FAMILY_CHOICES),
+                        default="auto",
+                        tooltip="The model family of its latents (auto: the server says).",
+                    ),
+                ],
+                outputs=[io.Vae.Output(display_name="VAE")],
+            )
+
+        @classmethod
+        def validate_inputs(cls, endpoint: Any = "", family: Any = "auto") -> Any:
+            if family not in remote.FAMILY_CHOICES:
+                return f"family: expected one of {', '.join(remote.FAMILY_CHOICES)}, not {family!r}"
+            return remote.check_endpoint(endpoint)
+
+        @classmethod
+        def execute(cls, endpoint: str, family: str = "auto") -> Any:
+            return io.NodeOutput(remote.RemoteComfyVAE(endpoint.strip(), family))
+
+    return [VAEBatchDecode, VAEBatchEncode, VAEBatchEncodeImages, VAEBatchRemoteVAE]
 
 
 def extension() -> Any:

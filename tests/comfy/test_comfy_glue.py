@@ -36,7 +36,12 @@ def _decode(comfy, vae, z, **options):
 
 # -- schemas ---------------------------------------------------------------------------------------
 def test_node_ids_inputs_and_defaults_are_the_contract(comfy):
-    assert set(comfy.nodes) == {"VAEBatchDecode", "VAEBatchEncode", "VAEBatchEncodeImages"}
+    assert set(comfy.nodes) == {
+        "VAEBatchDecode",
+        "VAEBatchEncode",
+        "VAEBatchEncodeImages",
+        "VAEBatchRemoteVAE",
+    }
     assert comfy.web_directory == "./web"
     dec = comfy.nodes["VAEBatchDecode"].GET_SCHEMA().v1_info()
     assert list(dec["input"]["required"]) == ["samples", "vae"]
@@ -269,3 +274,43 @@ def test_encode_images_keeps_each_size_and_the_order_and_decodes_back_one_per_in
     # VAE Batch Decode of that output: one image per input, at its size, in input order
     (images, _report), _ = comfy.run(comfy.nodes["VAEBatchDecode"], {"samples": latents, "vae": vae})
     assert [tuple(im.shape) for im in images] == [(1, 64, 64, 3), (2, 48, 80, 3), (1, 64, 64, 3)]
+
+
+# -- a remote VAE ------------------------------------------------------------------------------------
+def test_a_remote_vae_feeds_the_nodes_and_comfyuis_own_decode_and_encode(comfy, tmp_path):
+    """VAE Batch Remote VAE over a real VAE Batch server on 127.0.0.1 (its built-in approximate
+    VAE): the nodes decode and encode through it, and so do ComfyUI's own nodes (they call the
+    VAE's decode/encode)."""
+    from lib_vaebatch.backends import ApproxVAE
+    from lib_vaebatch.engine.decode import decode_latents
+    from lib_vaebatch.engine.encode import encode_pixels
+    from tests.ui.conftest import running_server
+
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    local = torch.stack(decode_latents(ApproxVAE("sd1"), z, scaled=False).outputs)  # type: ignore[arg-type]
+    want = ((local + 1) / 2).clamp(0, 1).movedim(1, -1)
+    with running_server(tmp_path, "--device", "cpu") as srv:
+        node = comfy.nodes["VAEBatchRemoteVAE"]
+        (vae,), _ = comfy.run(node, {"endpoint": srv.url + "vaebatch/v1/remote/decode", "family": "auto"})
+        (images, report), _ = _decode(comfy, vae, z)
+        assert (images - want).abs().max().item() <= 2e-3, "the endpoint answers float16"
+        assert report.startswith("VAE Batch decode: 3 image(s) of 64x64")
+        with torch.inference_mode():
+            own = vae.decode(z)  # what ComfyUI's VAE Decode does with it
+        assert (own - want).abs().max().item() <= 2e-3
+        pixels = want[:2]
+        (latent, _report), _ = comfy.run(comfy.nodes["VAEBatchEncode"], {"pixels": pixels, "vae": vae})
+        ref = encode_pixels(ApproxVAE("sd1"), pixels.movedim(-1, 1) * 2 - 1)
+        raw = torch.stack(ref.outputs) / ApproxVAE("sd1").scaling_factor  # type: ignore[arg-type]
+        assert (latent["samples"] - raw).abs().max().item() <= 1e-2
+        assert (vae.encode(pixels) - latent["samples"]).abs().max().item() <= 1e-5
+    with pytest.raises(PromptError) as err:
+        comfy.prompt(
+            {
+                "1": {
+                    "class_type": "VAEBatchRemoteVAE",
+                    "inputs": {"endpoint": "file:///etc/passwd", "family": "sd1"},
+                }
+            }
+        )
+    assert "expected an http(s) URL" in str(err.value.node_errors["1"])

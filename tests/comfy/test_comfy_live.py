@@ -240,3 +240,26 @@ def test_under_a_real_memory_limit_the_node_finishes_what_comfyuis_decode_cannot
     assert theirs["status"]["status_str"] == "error", theirs["status"]
     messages = json.dumps(theirs["status"]["messages"])
     assert "VAEDecode" in messages and "memory" in messages.lower(), messages[-2000:]
+
+
+def test_a_remote_vae_node_serves_the_nodes_and_comfyuis_own_decode(tmp_path):
+    """VAE Batch Remote VAE pointed at a VAE Batch server started here (127.0.0.1, its built-in
+    approximate VAE): encode and decode with the pack's nodes, and ComfyUI's own VAE Decode."""
+    from tests.ui.conftest import running_server
+
+    name = upload(URL, (128, 96), seed=31)
+    with running_server(tmp_path, "--device", "cpu") as srv:
+        g = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+            "2": {"class_type": "VAEBatchRemoteVAE",
+                  "inputs": {"endpoint": srv.url + "vaebatch/v1/remote/decode", "family": "sd1"}},
+            "3": {"class_type": "VAEBatchEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+            "4": {"class_type": "VAEBatchDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+            "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "vbr"}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "cur"}},
+        }  # fmt: skip
+        entry = run(URL, g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    ours, theirs = images(URL, entry, "5"), images(URL, entry, "7")
+    assert ours[0].shape == (96, 128, 3) and levels(ours, theirs) <= 1
