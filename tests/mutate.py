@@ -101,6 +101,8 @@ def _config(paths: list[str], tests: list[str]) -> str:
     lines += ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in tests]
     lines += ["pytest_add_cli_args="] + [f"    {a}" for a in ["-p", "no:xdist", "-p", "no:cacheprovider"]]
     lines += [f"    --deselect={t}" for t in SKIP]
+    # the front ends' tests load the extension's entry scripts from the checkout's root
+    lines += ["also_copy="] + [f"    {d}" for d in ("scripts", "bench")]
     lines += ["process_isolation=forkserver", "use_git_change_detection=false"]
     return "\n".join(lines) + "\n"
 
